@@ -1,0 +1,218 @@
+"""`PromptTuner`: the Python front end (the CLI and the server use the same pieces)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from . import __version__, artifacts
+from .backbones.base import Backbone, load_backbone
+from .config import DataConfig, RunConfig, TaskConfig, TrainConfig, build_section
+from .data.examples import find_split, load_examples
+from .data.templates import Template
+from .errors import PromptTuneError
+from .evaluation import evaluate
+from .methods.base import InitContext
+from .model import PromptModel
+from .registry import HEADS, METHODS, lookup
+from .train import FitResult, fit
+from .types import Example
+
+_SECTIONS = {"task": TaskConfig, "train": TrainConfig, "data": DataConfig}
+
+
+def split_kwargs(method: str, kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Route flat keyword arguments to the config section that declares them (method fields included)."""
+    method_cls = lookup(METHODS, method, "method")
+    owners = {f.name: sec for sec, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
+    method_fields = {f.name for f in dataclasses.fields(method_cls.config_cls)}
+    routed: dict[str, dict[str, Any]] = {"task": {}, "train": {}, "data": {}, "method": {}}
+    for key, value in kwargs.items():
+        if key in method_fields:
+            routed["method"][key] = value
+        elif key in owners:
+            routed[owners[key]][key] = value
+        else:
+            raise PromptTuneError(f"unknown option {key!r} for method {method!r}; see `prompttune train --help`")
+    return routed
+
+
+def make_config(
+    model: str = "smollm2-135m", method: str = "prompt_tuning", base: RunConfig | None = None, **kwargs: Any
+) -> RunConfig:
+    """A RunConfig from flat keyword arguments layered over `base`."""
+    raw = base.to_dict() if base else RunConfig(model=model, method=method).to_dict()
+    raw["model"], raw["method"] = model, method
+    if base and base.method != method:
+        raw["method_config"] = {}
+    routed = split_kwargs(method, kwargs)
+    for sec in _SECTIONS:
+        raw[sec].update(routed[sec])
+    raw["method_config"].update(routed["method"])
+    if raw["task"].get("verbalizer") is None:
+        raw["task"].pop("verbalizer")
+    return RunConfig.from_dict(raw)
+
+
+def resolve_labels(task: TaskConfig, train: Sequence[Example] | None) -> list[str]:
+    if task.labels:
+        return [str(label) for label in task.labels]
+    if task.verbalizer:
+        return list(task.verbalizer)
+    if train:
+        seen = {v for ex in train for v in (ex.label if isinstance(ex.label, tuple) else (ex.label,))}
+        return sorted(seen, key=lambda v: (len(v), v))
+    return []
+
+
+def build_model(cfg: RunConfig, backbone: Backbone, labels: Sequence[str]) -> PromptModel:
+    """Instantiate method, head and template for a backbone (random state; call `initialize` for a new run)."""
+    method_cls = lookup(METHODS, cfg.method, "method")
+    method_cfg = build_section(method_cls.config_cls, cfg.method_config, f"method {cfg.method}")
+    head_cls = lookup(HEADS, cfg.task.head, "head")
+    method = method_cls(method_cfg, backbone.spec)
+    head = head_cls.from_task(cfg.task, backbone, labels)
+    template = Template(cfg.task.template, require_answer=backbone.kind == "causal_lm")
+    model = PromptModel(backbone, method, head, template, cfg.task.max_length, cfg.task.truncate)
+    return model.to(backbone.device)
+
+
+def hint_text(cfg: RunConfig) -> str:
+    """Default text for `init=text`: the label words (Lester et al.'s class-label initialisation)."""
+    if cfg.task.verbalizer:
+        return "".join(w for words in cfg.task.verbalizer.values() for w in words)
+    return " ".join(cfg.task.labels or []) or "Classify the text."
+
+
+class PromptTuner:
+    """Learn a prompt for a frozen model.
+
+    Example:
+        >>> tuner = PromptTuner(model="smollm2-135m", method="prompt_tuning", num_virtual_tokens=16,
+        ...                     template="Review: {text}\\n{soft}Sentiment:{answer}",
+        ...                     verbalizer={0: " negative", 1: " positive"})
+        >>> tuner.fit("train.tsv", "dev.tsv"); tuner.evaluate("test.tsv")
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        method: str = "prompt_tuning",
+        *,
+        config: RunConfig | None = None,
+        backbone: Backbone | None = None,
+        **kwargs: Any,
+    ):
+        self.config = make_config(model, method, base=config, **kwargs) if (kwargs or not config) else config
+        self._backbone = backbone
+        self.model: PromptModel | None = None
+        self.result: FitResult | None = None
+
+    @property
+    def backbone(self) -> Backbone:
+        if self._backbone is None:
+            self._backbone = load_backbone(self.config.model)
+        return self._backbone
+
+    def _examples(self, data: Any, require_label: bool = True) -> list[Example]:
+        if data is None:
+            return []
+        return load_examples(data, self.config.task.label_field, require_label)
+
+    def fit(
+        self,
+        train: Any = None,
+        dev: Any = None,
+        *,
+        out: str | Path | None = None,
+        resume: bool = False,
+        quiet: bool = False,
+    ) -> FitResult:
+        """Train on `train`, select on `dev` (files, directories, lists of dicts or Datasets)."""
+        cfg = self.config
+        train = train if train is not None else cfg.data.train
+        if train is None:
+            raise PromptTuneError("no training data: pass train= or set data.train")
+        if dev is None and cfg.data.dev:
+            dev = cfg.data.dev
+        if dev is None and isinstance(train, (str, Path)) and Path(train).is_dir():
+            dev = find_split(train, "dev")
+        train_ex, dev_ex = self._examples(train), self._examples(dev)
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg, self.backbone, resolve_labels(cfg.task, train_ex))
+        prefix_kv = None
+        if self.backbone.supports_prefix_cache:
+
+            def prefix_kv(ids: list[int]) -> torch.Tensor:
+                return self.backbone.encode_prefixes([ids])[0]
+
+        ctx = InitContext(
+            self.backbone.tokenizer, torch.Generator().manual_seed(cfg.train.seed), hint_text(cfg), prefix_kv
+        )
+        self.model.method.initialize(ctx)
+        out = out or cfg.out
+        tic = time.perf_counter()
+        self.result = fit(self.model, train_ex, dev_ex, cfg.train, out, resume, quiet, cfg.task.calibrate)
+        self.result.seconds_total = time.perf_counter() - tic  # type: ignore[attr-defined]
+        return self.result
+
+    def _require_model(self) -> PromptModel:
+        if self.model is None:
+            raise PromptTuneError("no prompt yet: call fit() or PromptTuner.load() first")
+        return self.model
+
+    def evaluate(self, data: Any, batch_size: int | None = None) -> dict[str, Any]:
+        """Metrics on labelled data, e.g. `{"accuracy": .., "macro_f1": .., "primary_metric": "accuracy"}`."""
+        return evaluate(self._require_model(), self._examples(data), batch_size or self.config.train.eval_batch_size)
+
+    def predict(self, texts: Sequence[str | dict[str, str]], batch_size: int | None = None) -> list[Any]:
+        """Labels for raw texts (or dicts of fields)."""
+        model = self._require_model()
+        examples = self._examples(list(texts), require_label=False)
+        if not model.head.is_classifier:
+            return model.generate(examples, batch_size or 16)
+        return model.head.decide(model.scores(examples, batch_size or self.config.train.eval_batch_size))
+
+    def predict_scores(self, texts: Sequence[str | dict[str, str]]) -> torch.Tensor:
+        """Class scores (N, C) (log-probabilities for the verbalizer, logits for the classifier head)."""
+        model = self._require_model()
+        return model.scores(self._examples(list(texts), require_label=False), self.config.train.eval_batch_size)
+
+    def generate(self, texts: Sequence[str | dict[str, str]], max_new_tokens: int | None = None) -> list[str]:
+        """Greedy generations for raw texts."""
+        model = self._require_model()
+        return model.generate(self._examples(list(texts), require_label=False), max_new_tokens=max_new_tokens)
+
+    def save(self, path: str | Path, metrics: dict[str, Any] | None = None) -> Path:
+        """Write the artifact directory (atomically)."""
+        return artifacts.save(self._require_model(), self.config.to_dict(), path, metrics, __version__)
+
+    @classmethod
+    def load(cls, path: str | Path, backbone: Backbone | None = None) -> PromptTuner:
+        """Load an artifact; the backbone is rebuilt from its recorded name unless given."""
+        path = Path(path)
+        manifest = artifacts.read_manifest(path)
+        raw = yaml.safe_load((path / "run.yaml").read_text()) if (path / "run.yaml").is_file() else {}
+        cfg = RunConfig.from_dict(raw, where=str(path / "run.yaml"))
+        cfg.method_config = artifacts.read_json(path / "method_config.json")
+        head_cfg = artifacts.read_json(path / "head.json")
+        tuner = cls(config=cfg, backbone=backbone)
+        artifacts.check_backbone(manifest, tuner.backbone.spec, str(path))
+        tuner.model = build_model(cfg, tuner.backbone, head_cfg.get("labels", []))
+        state = artifacts.load_tensors(path / "prompt.safetensors")
+        try:
+            tuner.model.method.load_state_dict(state)
+            if (path / "head.safetensors").is_file():
+                tuner.model.head.load_state_dict(artifacts.load_tensors(path / "head.safetensors"))
+        except RuntimeError as err:
+            raise PromptTuneError(
+                f"{path}: saved tensors do not fit method {cfg.method!r}: {str(err).splitlines()[0]}"
+            ) from None
+        tuner.model.to(tuner.backbone.device)
+        return tuner

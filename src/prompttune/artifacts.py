@@ -1,0 +1,127 @@
+"""Artifacts: a directory of plain files any later process loads without the training code and without executing
+anything (safetensors + JSON + YAML, never pickle).
+
+    artifact.json  method_config.json  prompt.safetensors  head.json  head.safetensors  template.json
+    run.yaml  metrics.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+from safetensors.torch import load_file, save_file
+
+from .errors import PromptTuneError
+
+FORMAT_VERSION = 1
+
+
+def write_dir_atomically(path: str | Path, files: dict[str, Any]) -> Path:
+    """Write `{name: bytes | str | dict-of-tensors}` into `path` via a temp dir and renames; never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        for name, content in files.items():
+            target = tmp / name
+            if isinstance(content, dict):
+                save_file({k: v.detach().contiguous().cpu() for k, v in content.items()}, str(target))
+            elif isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content)
+        old = None
+        if path.exists():
+            # Keep files that are not part of the artifact (training log, checkpoint) next to the new ones.
+            for extra in path.iterdir():
+                if not (tmp / extra.name).exists() and extra.is_file():
+                    shutil.copy2(extra, tmp / extra.name)
+            old = path.with_name(f".{path.name}.old{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def save(
+    model: Any, run_config: dict[str, Any], path: str | Path, metrics: dict[str, Any] | None = None, version: str = "0"
+) -> Path:
+    """Save a PromptModel's trainable state and everything needed to rebuild it."""
+    method, head, spec = model.method, model.head, model.backbone.spec
+    from dataclasses import asdict
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "kind": "soft",
+        "method": method.name,
+        "head": head.name,
+        "backbone": {"name": spec.name, **spec.sizes()},
+        "prompttune_version": version,
+        "num_trainable": method.num_trainable() + sum(p.numel() for p in head.parameters()),
+    }
+    files: dict[str, Any] = {
+        "artifact.json": json.dumps(manifest, indent=2),
+        "method_config.json": json.dumps(asdict(method.config), indent=2),
+        "prompt.safetensors": dict(method.state_dict()),
+        "head.json": json.dumps(head.config(), indent=2),
+        "template.json": json.dumps(
+            {"template": model.template.text, "max_length": model.max_length, "truncate": model.truncate}, indent=2
+        ),
+        "run.yaml": yaml.safe_dump(run_config, sort_keys=False),
+        "metrics.json": json.dumps(metrics or {}, indent=2),
+    }
+    head_state = dict(head.state_dict())
+    if head_state:
+        files["head.safetensors"] = head_state
+    return write_dir_atomically(path, files)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise PromptTuneError(f"{path}: missing; is {path.parent} a prompttune artifact?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise PromptTuneError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise PromptTuneError(f"{path}: no such artifact directory")
+    manifest = read_json(path / "artifact.json")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise PromptTuneError(
+            f"{path}/artifact.json: format_version {manifest.get('format_version')!r} is not "
+            f"supported (expected {FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def check_backbone(manifest: dict[str, Any], spec: Any, where: str) -> None:
+    """Fail with both sizes named when an artifact meets a backbone of other sizes."""
+    saved = {k: v for k, v in manifest["backbone"].items() if k != "name"}
+    have = spec.sizes()
+    diff = {k: (saved[k], have.get(k)) for k in saved if saved[k] != have.get(k)}
+    if diff:
+        detail = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items())
+        raise PromptTuneError(
+            f"{where}: prompt was trained on {manifest['backbone']['name']!r} but the backbone "
+            f"{spec.name!r} differs ({detail})"
+        )
+
+
+def load_tensors(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise PromptTuneError(f"{path}: missing")
+    return load_file(str(path))

@@ -1,0 +1,125 @@
+"""Decoder-only language models (Llama, GPT-2, Gemma, Qwen, ... anything `AutoModelForCausalLM` loads)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from ..registry import register_backbone
+from ..types import PromptInputs
+from .base import Backbone
+
+PastKV = tuple[tuple[Tensor, Tensor], ...]
+
+
+@register_backbone("causal_lm")
+class CausalLM(Backbone):
+    kind = "causal_lm"
+    supports_prefix_cache = True  # causal attention: a prefix's keys/values never depend on what follows
+
+    def _body(self, inputs: PromptInputs, use_cache: bool = False):
+        mask = inputs.attention_mask  # (B, T)
+        cache = None
+        if inputs.past_key_values is not None:
+            cache = DynamicCache(ddp_cache_data=inputs.past_key_values)  # a fresh cache per call: never stale
+            mask = torch.cat([inputs.past_attention_mask.to(mask), mask], dim=1)  # (B, Lp + T)
+        return self._call(inputs.inputs_embeds, mask, inputs.position_ids, cache, use_cache)
+
+    def _call(self, embeds: Tensor, mask: Tensor, position_ids: Tensor, cache: DynamicCache | None, use_cache: bool):
+        # transformers >= 5.2x renamed `past_key_values` to `cache`; accept both spellings.
+        key = "cache" if "cache" in inspect.signature(self.model.base_model.forward).parameters else "past_key_values"
+        return self.model.base_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=use_cache, **{key: cache}
+        )
+
+    def forward(self, inputs: PromptInputs) -> Tensor:
+        return self._body(inputs).last_hidden_state  # (B, T, D), final norm applied
+
+    def lm_logits(self, hidden: Tensor) -> Tensor:
+        return self.model.get_output_embeddings()(hidden)  # (..., V)
+
+    @torch.no_grad()
+    def encode_prefixes(self, prefixes: Sequence[Sequence[int]], batch_size: int = 32) -> list[Tensor]:
+        """Frozen keys/values of token prefixes, one `(layers, 2, kvh, L, hd)` tensor each (left-padded batches).
+
+        Positions are 0..L-1, so a continuation at positions L.. reproduces the uncached run.
+        """
+        out: list[Tensor] = []
+        for i in range(0, len(prefixes), batch_size):
+            chunk = prefixes[i : i + batch_size]
+            T = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), T), self.pad_id, dtype=torch.long)
+            mask = torch.zeros(len(chunk), T, dtype=torch.long)
+            for b, p in enumerate(chunk):
+                ids[b, T - len(p) :] = torch.tensor(p)
+                mask[b, T - len(p) :] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            inputs = PromptInputs(self.embed(ids), mask, pos, ids.new_zeros(len(chunk), 0), pos, pos[:, -1:])
+            cache = _returned_cache(self._body(inputs, use_cache=True))
+            kv = torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers])
+            # kv: (layers, 2, B, kvh, T, hd)
+            out.extend(kv[:, :, b, :, T - len(p) :].clone() for b, p in enumerate(chunk))
+        return out
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: PromptInputs,
+        prepare: Callable[[PromptInputs], PromptInputs],
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+    ) -> list[list[int]]:
+        """Greedy decoding of a left-padded batch with a KV cache.
+
+        Args:
+            inputs: the prompts (before `prepare`), left-padded so every prompt ends at column T-1.
+            prepare: the method's `apply`; called on the prompt and on each decoding step (`decoding=True`).
+            max_new_tokens: most tokens generated per row.
+            stop_ids: ids that end a row (EOS).
+        Returns:
+            generated ids per row, without the stop token.
+        """
+        ready = prepare(inputs)
+        out = self._body(ready, use_cache=True)
+        cache, B = _returned_cache(out), inputs.inputs_embeds.shape[0]
+        mask = ready.attention_mask
+        if ready.past_attention_mask is not None:
+            mask = torch.cat([ready.past_attention_mask.to(mask), mask], 1)
+        position = ready.position_ids[:, -1:]  # (B, 1)
+        index = inputs.token_index.max(dim=1, keepdim=True).values  # (B, 1)
+        hidden = out.last_hidden_state[:, -1:]  # (B, 1, D)
+        done = torch.zeros(B, dtype=torch.bool, device=mask.device)
+        generated: list[list[int]] = [[] for _ in range(B)]
+        stops = torch.tensor(list(stop_ids), device=mask.device)
+        for _ in range(max_new_tokens):
+            token = self.lm_logits(hidden[:, -1]).argmax(-1)  # (B,)
+            done |= torch.isin(token, stops)
+            for b in range(B):
+                if not done[b]:
+                    generated[b].append(int(token[b]))
+            if bool(done.all()):
+                break
+            position, index = position + 1, index + 1
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            step = PromptInputs(
+                self.embed(token[:, None]),
+                mask.new_ones(B, 1),
+                position,
+                token.new_zeros(B, 0),
+                index,
+                position.new_zeros(B, 1),
+                decoding=True,
+            )
+            step = prepare(step)
+            hidden = self._call(step.inputs_embeds, mask, step.position_ids, cache, True).last_hidden_state
+        return generated
+
+
+def _returned_cache(output) -> DynamicCache:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values

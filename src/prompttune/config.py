@@ -1,0 +1,228 @@
+"""Typed configs shared by Python, YAML and the CLI.
+
+Every field carries an attribute docstring; `field_docs` turns those into CLI help, so the three front ends can
+never disagree. Each class validates itself in `__post_init__` with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from .errors import PromptTuneError
+
+
+def _check(ok: bool, field_name: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise PromptTuneError(f"config field {field_name!r}: expected {expected}, got {got!r}")
+
+
+@dataclass
+class TaskConfig:
+    """What the prompt is for: how examples become tokens and how answers are scored."""
+
+    template: str = "{text}{soft}{answer}"
+    """Template with `{field}` placeholders for data columns, `{soft}` (or `{soft:K}`) for soft tokens and `{answer}`
+    where the label is read (causal LMs: the end of the prompt)."""
+    verbalizer: dict[str, list[str]] | None = None
+    """Label -> label word(s), e.g. `{"0": [" negative"], "1": [" positive"]}`; CLI form `'0= negative,1= positive'`
+    (`|` separates several words for one label). Multi-token words are scored exactly."""
+    head: str = "verbalizer"
+    """How answers are scored: `verbalizer` (label words), `classifier` (linear head, PTEC) or `generation`."""
+    labels: list[str] | None = None
+    """Label set for the classifier head (default: the verbalizer's keys, else the labels seen in training data)."""
+    multi_label: bool = False
+    """Classifier head only: several labels per example (sigmoid + BCE, threshold chosen on dev)."""
+    pooling: str = "answer"
+    """Classifier head: read the hidden state at the answer position (`answer`) or average the tokens (`mean`)."""
+    label_field: str | None = None
+    """Data column holding the label (default: label/labels/target/answer, whichever exists)."""
+    max_length: int | None = None
+    """Longest prompt in tokens (default: the backbone's context)."""
+    truncate: bool = False
+    """Shorten the longest text field instead of failing when a prompt exceeds `max_length`."""
+    calibrate: str = "auto"
+    """Verbalizer only: `none`, `content_free` (divide by the label-word prior on an empty input), or `auto`
+    (use calibration only when it scores better on dev)."""
+    max_new_tokens: int = 32
+    """Generation head: most tokens to generate."""
+
+    def __post_init__(self) -> None:
+        _check(
+            "{answer}" in self.template or self.head == "classifier",
+            "template",
+            "a template containing {answer}",
+            self.template,
+        )
+        _check(
+            self.head in ("verbalizer", "classifier", "generation"),
+            "head",
+            "verbalizer, classifier or generation",
+            self.head,
+        )
+        _check(self.pooling in ("answer", "mean"), "pooling", "answer or mean", self.pooling)
+        _check(
+            self.calibrate in ("none", "content_free", "auto"),
+            "calibrate",
+            "none, content_free or auto",
+            self.calibrate,
+        )
+        if self.verbalizer is not None:
+            self.verbalizer = parse_verbalizer(self.verbalizer)
+        _check(self.max_length is None or self.max_length > 0, "max_length", "a positive integer", self.max_length)
+
+
+@dataclass
+class TrainConfig:
+    """The one training loop's settings (every soft method uses the same loop)."""
+
+    lr: float = 3e-2
+    """Peak learning rate for the method's main parameters (methods may declare extra groups, e.g. DePT)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    batch_size: int = 8
+    """Examples per training step."""
+    eval_batch_size: int = 32
+    """Examples per evaluation batch."""
+    max_steps: int = 120
+    """Optimizer steps in total."""
+    warmup_ratio: float = 0.1
+    """Fraction of steps with linear warm-up."""
+    schedule: str = "linear"
+    """Decay after warm-up: `linear`, `cosine` or `constant`."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    eval_every: int = 20
+    """Evaluate on dev (and checkpoint) every N steps; the best dev state is kept."""
+    patience: int = 0
+    """Stop after N evaluations without improvement on dev (0 = never stop early)."""
+    seed: int = 13
+    """Seed for initialisation and data order."""
+    cache_prefix: bool = True
+    """Compute the frozen backbone's keys/values for the text before the first soft token once and reuse them
+    (only for methods that change nothing before their soft slots)."""
+    checkpoint: bool = True
+    """Write a resumable checkpoint at every evaluation."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "lr", "a positive number", self.lr)
+        _check(self.batch_size > 0, "batch_size", "a positive integer", self.batch_size)
+        _check(self.eval_batch_size > 0, "eval_batch_size", "a positive integer", self.eval_batch_size)
+        _check(self.max_steps >= 0, "max_steps", "a non-negative integer", self.max_steps)
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", "a number in [0, 1)", self.warmup_ratio)
+        _check(
+            self.schedule in ("linear", "cosine", "constant"), "schedule", "linear, cosine or constant", self.schedule
+        )
+        _check(self.eval_every > 0, "eval_every", "a positive integer", self.eval_every)
+        _check(self.patience >= 0, "patience", "a non-negative integer", self.patience)
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from: a file (TSV/CSV/JSONL) or a directory holding train/dev/test files."""
+
+    train: str | None = None
+    """Training file, or a directory with train.* (and dev.*, test.*)."""
+    dev: str | None = None
+    """Dev file for model selection (default: dev.* next to train, if any)."""
+    test: str | None = None
+    """Test file scored once at the end (never used for selection)."""
+
+
+@dataclass
+class RunConfig:
+    """A whole run: model, method (+ its own config), task, training and data."""
+
+    model: str = "smollm2-135m"
+    """Embedded model name (see `prompttune models`), HF model id, or local path."""
+    method: str = "prompt_tuning"
+    """Registered soft-prompt method."""
+    method_config: dict[str, Any] = field(default_factory=dict)
+    """Fields of the method's own config dataclass."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    out: str | None = None
+    """Artifact directory."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> RunConfig:
+        """Build from a (YAML) mapping; `method` may be a name or a mapping with `name` plus method fields."""
+        raw = dict(raw)
+        sections = {"task": TaskConfig, "train": TrainConfig, "data": DataConfig}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise PromptTuneError(f"{where}: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
+        method = raw.pop("method", cls.method)
+        method_config = dict(raw.pop("method_config", {}) or {})
+        if isinstance(method, dict):
+            method_config.update({k: v for k, v in method.items() if k != "name"})
+            method = method.get("name", cls.method)
+        kwargs: dict[str, Any] = {"method": method, "method_config": method_config}
+        for key, section_cls in sections.items():
+            kwargs[key] = build_section(section_cls, raw.pop(key, {}) or {}, f"{where}: {key}")
+        kwargs.update(raw)
+        return cls(**kwargs)
+
+
+def build_section(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Instantiate a config dataclass from a mapping, naming the offending key on error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise PromptTuneError(f"{where}: unknown key(s) {sorted(unknown)}; expected some of {sorted(names)}")
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise PromptTuneError(f"{where}: {err}") from None
+
+
+def parse_verbalizer(spec: str | dict[Any, Any] | list[Any]) -> dict[str, list[str]]:
+    """Normalise a verbalizer to {label: [word, ...]}.
+
+    Accepts `'0= negative,1= positive'` (CLI; `|` separates several words), a mapping label -> word or words, or a
+    list of words indexed by label position.
+    """
+    if isinstance(spec, str):
+        out: dict[str, list[str]] = {}
+        for part in spec.split(","):
+            if "=" not in part:
+                raise PromptTuneError(f"verbalizer: expected 'label=word' pairs separated by commas, got {part!r}")
+            label, words = part.split("=", 1)
+            out[label.strip()] = words.split("|")
+        spec = out
+    if isinstance(spec, list):
+        spec = dict(enumerate(spec))
+    result: dict[str, list[str]] = {}
+    for label, words in spec.items():
+        words = [words] if isinstance(words, str) else list(words)
+        if not words or any(not isinstance(w, str) or not w.strip() for w in words):
+            raise PromptTuneError(f"verbalizer: label {label!r} needs at least one non-empty word, got {words!r}")
+        result[str(label)] = words
+    if len(result) < 2 and result:
+        raise PromptTuneError(f"verbalizer: expected at least two labels, got {sorted(result)}")
+    return result
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (the string literal right after each field)."""
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return docs
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
+    return docs

@@ -1,0 +1,82 @@
+"""The head contract: turn the backbone's final hidden states into class scores, or into token predictions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..data.collate import Batch
+from ..data.templates import Prompt
+from ..errors import PromptTuneError
+from ..types import Example, Row
+
+
+class Head(nn.Module):
+    """Base class. `labels` is the ordered label set (classification) or empty (generation)."""
+
+    name: ClassVar[str]
+    is_classifier: ClassVar[bool] = True
+
+    def __init__(self, labels: Sequence[str], kind: str, multi_label: bool = False):
+        super().__init__()
+        self.labels = list(labels)
+        self.kind = kind
+        self.multi_label = multi_label
+        self.index = {label: i for i, label in enumerate(self.labels)}
+
+    def rows(self, prompt: Prompt, example: int, target: Any = None) -> list[Row]:
+        """Rows to run for one encoded prompt (one for most heads)."""
+        read = (0,) if self.kind == "encoder" else (len(prompt.ids) - 1,)
+        return [Row(prompt.ids, prompt.soft, read, example=example)]
+
+    def forward(self, hidden: Tensor, batch: Batch, backbone: nn.Module, num_examples: int) -> Tensor:
+        """hidden (B, T, D) -> scores (N, C) for classifiers, logits (B, K, V) for generation."""
+        raise NotImplementedError
+
+    def loss(self, scores: Tensor, targets: Tensor, batch: Batch) -> Tensor:
+        raise NotImplementedError
+
+    def encode_labels(self, examples: Sequence[Example]) -> Tensor:
+        """Class indices (N,) or multi-hot (N, C); raises naming the row when a label is unknown."""
+        out = (
+            torch.zeros(len(examples), len(self.labels))
+            if self.multi_label
+            else torch.zeros(len(examples), dtype=torch.long)
+        )
+        for i, ex in enumerate(examples):
+            values = ex.label if isinstance(ex.label, tuple) else (ex.label,)
+            if ex.label is None:
+                raise PromptTuneError(f"{ex.source}: example has no label")
+            if not self.multi_label and len(values) != 1:
+                raise PromptTuneError(
+                    f"{ex.source}: {len(values)} labels given to a single-label task "
+                    f"(set multi_label for the classifier head)"
+                )
+            for value in values:
+                if value not in self.index:
+                    raise PromptTuneError(f"{ex.source}: label {value!r} is not covered; expected one of {self.labels}")
+                if self.multi_label:
+                    out[i, self.index[value]] = 1.0
+                else:
+                    out[i] = self.index[value]
+        return out
+
+    def decide(self, scores: Tensor) -> list[Any]:
+        """Scores (N, C) -> predicted labels (a label, or a tuple of labels for multi-label)."""
+        return [self.labels[i] for i in scores.argmax(-1).tolist()]
+
+    def tune_on_dev(self, model: Any, dev_scores: Tensor, dev: Sequence[Example], mode: str) -> dict[str, Any]:
+        """After training: choose decision settings (calibration, thresholds) on dev; returns what was chosen."""
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able description saved as head.json."""
+        return {"head": self.name, "labels": self.labels, "multi_label": self.multi_label}
+
+
+def gather_positions(hidden: Tensor, positions: Tensor) -> Tensor:
+    """hidden (B, T, D), positions (B, K) -> (B, K, D)."""
+    return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))

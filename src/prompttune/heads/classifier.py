@@ -1,0 +1,69 @@
+"""Classifier head (PTEC-style: Prompt Tuned Embedding Classification): a linear layer on the pooled hidden state
+in place of the LM head, for encoders and decoders, single-label (softmax) or multi-label (sigmoid + BCE, with the
+decision threshold chosen on dev)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.collate import Batch
+from ..registry import register_head
+from .base import Head, gather_positions
+
+
+@register_head("classifier")
+class ClassifierHead(Head):
+    def __init__(
+        self, labels: Sequence[str], kind: str, hidden_size: int, multi_label: bool = False, pooling: str = "answer"
+    ):
+        super().__init__(labels, kind, multi_label)
+        self.pooling = pooling
+        self.linear = nn.Linear(hidden_size, len(self.labels))
+        nn.init.zeros_(self.linear.weight)  # start from uniform scores: the prompt learns before the head dominates
+        nn.init.zeros_(self.linear.bias)
+        self.register_buffer("threshold", torch.tensor(0.5))
+
+    @classmethod
+    def from_task(cls, task: Any, backbone: Any, labels: Sequence[str]) -> ClassifierHead:
+        pooling = task.pooling if backbone.kind == "causal_lm" or task.pooling == "mean" else "mean"
+        return cls(labels, backbone.kind, backbone.spec.hidden_size, task.multi_label, pooling)
+
+    def forward(self, hidden: Tensor, batch: Batch, backbone: nn.Module, num_examples: int) -> Tensor:
+        if self.pooling == "mean":
+            mask = batch.attention_mask.to(hidden)[..., None]  # (B, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, D)
+        else:
+            pooled = gather_positions(hidden, batch.read_positions[:, :1])[:, 0]  # (B, D)
+        return self.linear(pooled.float())  # (N, C)
+
+    def loss(self, scores: Tensor, targets: Tensor, batch: Batch) -> Tensor:
+        if self.multi_label:
+            return F.binary_cross_entropy_with_logits(scores, targets.to(scores))
+        return F.cross_entropy(scores, targets)
+
+    def decide(self, scores: Tensor) -> list[Any]:
+        if not self.multi_label:
+            return super().decide(scores)
+        chosen = torch.sigmoid(scores) >= self.threshold  # (N, C)
+        return [tuple(self.labels[j] for j in torch.nonzero(row).flatten().tolist()) for row in chosen]
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "pooling": self.pooling}
+
+    def tune_on_dev(self, model: Any, dev_scores: Tensor, dev: Sequence[Any], mode: str) -> dict[str, Any]:
+        """Multi-label: the probability threshold that maximises dev macro-F1."""
+        from ..evaluation import score_metrics
+
+        if not self.multi_label or not dev:
+            return {}
+        best = (-1.0, 0.5)
+        for t in [i / 20 for i in range(1, 20)]:
+            self.threshold.fill_(t)
+            best = max(best, (score_metrics(self, dev, dev_scores)["macro_f1"], t))
+        self.threshold.fill_(best[1])
+        return {"threshold": best[1], "dev_macro_f1": best[0]}

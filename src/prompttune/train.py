@@ -1,0 +1,275 @@
+"""The one training loop for every soft-prompt method (accelerate underneath, so DDP works unchanged).
+
+AdamW over the method's parameter groups and the head, warm-up then decay, gradient clipping, evaluation on dev every
+N steps with best-on-dev selection (the initial prompt is a candidate too), early stopping, a JSONL log and an atomic
+single-file checkpoint. The data order is a pure function of (seed, step), so `resume` reproduces an uninterrupted
+run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .errors import PromptTuneError
+from .evaluation import score_metrics
+from .model import PromptModel
+from .types import Example, Row
+
+CHECKPOINT = "checkpoint.safetensors"
+LOG = "metrics.jsonl"
+
+
+@dataclass
+class FitResult:
+    best_step: int
+    best_dev: dict[str, Any] | None
+    steps: int
+    seconds: float
+    seconds_per_step: float
+    tuned: dict[str, Any] = field(default_factory=dict)
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+
+def schedule(cfg: TrainConfig):
+    warmup = int(cfg.warmup_ratio * cfg.max_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """Examples of a step: a stream of per-epoch permutations seeded by (seed, epoch)."""
+    out: list[int] = []
+    pos = step * batch_size
+    while len(out) < min(batch_size, n):
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        take = perm[offset : offset + batch_size - len(out)]
+        out.extend(take)
+        pos += len(take)
+    return out
+
+
+def fit(
+    model: PromptModel,
+    train: Sequence[Example],
+    dev: Sequence[Example] | None,
+    cfg: TrainConfig,
+    out: str | Path | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    calibrate: str = "auto",
+) -> FitResult:
+    """Train `model.method` and `model.head`; the backbone stays frozen.
+
+    Raises:
+        PromptTuneError: empty training data, labels the head does not cover, `resume` without a checkpoint.
+    """
+    if not train:
+        raise PromptTuneError("training data is empty")
+    accelerator = Accelerator(cpu=model.device.type == "cpu")
+    out = Path(out) if out else None
+    model.use_prefix_cache(cfg.cache_prefix)
+    train_rows = model.encode(train, with_targets=True)
+    targets = model.head.encode_labels(train)
+    if dev:
+        model.head.encode_labels(dev)  # fail now, not after training, on a label the head does not cover
+    optimizer = torch.optim.AdamW(
+        model.method.param_groups(cfg.lr) + [{"params": list(model.head.parameters()), "lr": cfg.lr}],
+        weight_decay=cfg.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg))
+    wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = {"step": 0, "best_step": 0, "best": None, "best_dev": None, "bad_evals": 0, "log": [], "seconds": 0.0}
+    best_state = _snapshot(model)
+
+    def checkpoint() -> None:
+        if out is not None and cfg.checkpoint:
+            _save_checkpoint(out / CHECKPOINT, model, best_state, state, optimizer, scheduler, cfg)
+
+    if resume:
+        if out is None:
+            raise PromptTuneError("resume needs the output directory of the run to continue")
+        state, best_state = _load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, cfg)
+    elif dev:
+        _evaluate(
+            model, dev, cfg, state, best_state, out, quiet=True
+        )  # the starting prompt is a candidate  # the starting prompt is a candidate
+    step_seconds: list[float] = []
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=quiet, desc="train", dynamic_ncols=True)
+    while state["step"] < cfg.max_steps:
+        step = state["step"]
+        tic = time.perf_counter()
+        idx = batch_indices(step, len(train), cfg.batch_size, cfg.seed)[
+            accelerator.process_index :: accelerator.num_processes
+        ]
+        rows = [Row(r.ids, r.soft, r.read, r.targets, j, r.option) for j, i in enumerate(idx) for r in train_rows[i]]
+        batch = model.make_batch(rows)
+        scores = wrapped(batch, len(idx))
+        loss = model.head.loss(scores, None if targets is None else targets[idx].to(scores.device), batch)
+        accelerator.backward(loss)
+        if cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] = step = step + 1
+        step_seconds.append(time.perf_counter() - tic)
+        state["log"].append({"step": step, "loss": round(loss.item(), 6), "lr": scheduler.get_last_lr()[0]})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", dev=state["best"])
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            state["seconds"] += sum(step_seconds)
+            step_seconds.clear()
+            stop = _evaluate(model, dev, cfg, state, best_state, out, quiet)
+            checkpoint()
+            if stop:
+                break
+    bar.close()
+    state["seconds"] += sum(step_seconds)
+    if dev:
+        model.load_state_dict(best_state)
+    tuned: dict[str, Any] = {}
+    if dev:
+        dev_scores = model.scores(dev, cfg.eval_batch_size) if model.head.is_classifier else None
+        tuned = model.head.tune_on_dev(model, dev_scores, dev, calibrate) if dev_scores is not None else {}
+    model.use_prefix_cache(False)
+    steps_run = max(1, sum(1 for r in state["log"] if "loss" in r))
+    return FitResult(
+        state["best_step"],
+        state["best_dev"],
+        state["step"],
+        state["seconds"],
+        state["seconds"] / steps_run,
+        tuned,
+        state["log"],
+    )
+
+
+def _evaluate(
+    model: PromptModel,
+    dev: Sequence[Example] | None,
+    cfg: TrainConfig,
+    state: dict[str, Any],
+    best_state: dict[str, torch.Tensor],
+    out: Path | None,
+    quiet: bool,
+) -> bool:
+    """Evaluate on dev, keep the best state, checkpoint; True when early stopping triggers."""
+    stop = False
+    if dev:
+        if model.head.is_classifier:
+            metrics = score_metrics(model.head, dev, model.scores(dev, cfg.eval_batch_size, keep_cache=True))
+        else:
+            from .evaluation import evaluate
+
+            metrics = evaluate(model, dev, cfg.eval_batch_size)
+        value = metrics[metrics["primary_metric"]]
+        state["log"].append({"step": state["step"], "dev": metrics})
+        if state["best"] is None or value > state["best"]:
+            state.update(best=value, best_step=state["step"], best_dev=metrics, bad_evals=0)
+            best_state.update(_snapshot(model))
+        else:
+            state["bad_evals"] += 1
+            stop = cfg.patience > 0 and state["bad_evals"] >= cfg.patience
+        if not quiet:
+            tqdm.write(
+                f"step {state['step']}: dev {metrics['primary_metric']} {value:.4f} (best {state['best']:.4f}"
+                f" at step {state['best_step']})"
+            )
+    else:
+        best_state.update(_snapshot(model))
+        state["best_step"] = state["step"]
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_log(out / LOG, state["log"])
+    return stop
+
+
+def _snapshot(model: PromptModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _write_log(path: Path, log: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in log))
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(
+    path: Path,
+    model: PromptModel,
+    best_state: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    optimizer: Any,
+    scheduler: Any,
+    cfg: TrainConfig,
+) -> None:
+    """One safetensors file (tensors + JSON metadata), written to a temp file and renamed: never half-written."""
+    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"best.{k}": v.contiguous() for k, v in best_state.items()})
+    opt = optimizer.state_dict()
+    for i, entry in opt["state"].items():
+        for name, value in entry.items():
+            tensors[f"optim.{i}.{name}"] = torch.as_tensor(value).contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {
+        "state": state,
+        "train_config": asdict(cfg),
+        "param_groups": opt["param_groups"],
+        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+    }
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"prompttune": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, model: PromptModel, optimizer: Any, scheduler: Any, cfg: TrainConfig):
+    """Restore everything `_save_checkpoint` wrote; returns (state, best_state)."""
+    if not path.is_file():
+        raise PromptTuneError(f"{path}: no checkpoint to resume from")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["prompttune"])
+    saved = meta["train_config"]
+    for key in ("seed", "batch_size", "lr", "max_steps"):
+        if saved[key] != getattr(cfg, key):
+            raise PromptTuneError(
+                f"{path}: checkpoint was made with {key}={saved[key]!r}, this run has "
+                f"{getattr(cfg, key)!r}; resume with the same settings"
+            )
+    tensors = load_file(str(path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            opt_state.setdefault(int(i), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return meta["state"], best_state
