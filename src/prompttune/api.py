@@ -84,10 +84,13 @@ def build_model(cfg: RunConfig, backbone: Backbone, labels: Sequence[str]) -> Pr
 
 
 def hint_text(cfg: RunConfig) -> str:
-    """Default text for `init=text`: the label words (Lester et al.'s class-label initialisation)."""
-    if cfg.task.verbalizer:
-        return "".join(w for words in cfg.task.verbalizer.values() for w in words)
-    return " ".join(cfg.task.labels or []) or "Classify the text."
+    """Default text for `init=text`: an instruction naming the label words, so the initial prompt reads as a
+    sensible instruction (class-label initialisation, Lester et al. 2021, in a form that keeps zero-shot behaviour)."""
+    words = [ws[0].strip() for ws in cfg.task.verbalizer.values()] if cfg.task.verbalizer else list(cfg.task.labels
+                                                                                                     or [])
+    if words:
+        return f" Answer with one of: {', '.join(words)}.\n"
+    return " Read the text and answer the question.\n"
 
 
 class PromptTuner:
@@ -123,6 +126,9 @@ class PromptTuner:
     def _examples(self, data: Any, require_label: bool = True) -> list[Example]:
         if data is None:
             return []
+        fields = list(dict.fromkeys(self.model.template.fields)) if self.model else []
+        if isinstance(data, (list, tuple)) and len(fields) == 1:  # a plain string fills the template's only field
+            data = [{fields[0]: d} if isinstance(d, str) else d for d in data]
         return load_examples(data, self.config.task.label_field, require_label)
 
     def fit(

@@ -180,6 +180,15 @@ def build_section(cls: type, values: dict[str, Any], where: str) -> Any:
     unknown = set(values) - names
     if unknown:
         raise PromptTuneError(f"{where}: unknown key(s) {sorted(unknown)}; expected some of {sorted(names)}")
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    values = dict(values)
+    for key, value in values.items():
+        # PyYAML (YAML 1.1) reads `3e-2` as a string; accept numbers written that way.
+        if isinstance(value, str) and kinds.get(key) in ("float", "float | None"):
+            try:
+                values[key] = float(value)
+            except ValueError:
+                raise PromptTuneError(f"{where}: field {key!r}: expected a number, got {value!r}") from None
     try:
         return cls(**values)
     except TypeError as err:

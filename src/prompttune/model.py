@@ -46,7 +46,6 @@ class PromptModel(nn.Module):
         self.max_length = min(max_length or backbone.spec.max_positions, backbone.spec.max_positions)
         self.truncate = truncate
         self.cache_prefix = False
-        self._prefix_store: dict[tuple[int, ...], Tensor] = {}
 
     @property
     def device(self) -> torch.device:
@@ -81,19 +80,20 @@ class PromptModel(nn.Module):
     def use_prefix_cache(self, enabled: bool) -> None:
         """Reuse frozen keys/values of the text before the first soft slot (only where that is exact)."""
         self.cache_prefix = enabled and self.method.edits_only_soft_slots and self.backbone.supports_prefix_cache
-        if not self.cache_prefix:
-            self._prefix_store.clear()
 
     def make_batch(self, rows: Sequence[Row], keep_cache: bool = True) -> Batch:
         """Collate rows, splitting off cached frozen prefixes when enabled."""
         prefixes = None
         if self.cache_prefix and all(r.soft and r.soft[0] >= _MIN_CACHED_PREFIX for r in rows):
             keys = [r.ids[: r.soft[0]] for r in rows]
-            missing = list(dict.fromkeys(k for k in keys if k not in self._prefix_store))
-            fresh = dict(zip(missing, self.backbone.encode_prefixes(missing), strict=True)) if missing else {}
-            if keep_cache:
-                self._prefix_store.update(fresh)
-            prefixes = [self._prefix_store.get(k, fresh.get(k)) for k in keys]
+            store = self.backbone.prefix_store  # frozen keys/values depend only on the backbone and the ids
+            missing = list(dict.fromkeys(k for k in keys if k not in store))
+            # One prefix per call: a cached value then never depends on which rows first shared its batch (left
+            # padding changes float rounding), so a resumed run sees exactly the values the uninterrupted one did.
+            fresh = {k: self.backbone.encode_prefixes([k])[0] for k in missing}
+            if keep_cache or self.backbone.keep_all_prefixes:
+                store.update(fresh)
+            prefixes = [store.get(k, fresh.get(k)) for k in keys]
         return collate(rows, self.backbone.pad_id, prefixes)
 
     # ---- forward --------------------------------------------------------------------------------------------
@@ -148,10 +148,16 @@ class PromptModel(nn.Module):
         out: list[str] = [""] * len(examples)
         limit = max_new_tokens or getattr(self.head, "max_new_tokens", 32)
         stops = getattr(self.head, "stop_ids", None) or [self.backbone.tokenizer.eos_token_id]
-        for idx, batch in self.batches(examples, batch_size):
-            ids = self.backbone.generate(self.inputs(batch), self.method.apply, limit, stops)
-            for i, seq in zip(idx, ids, strict=True):
-                out[i] = self.backbone.tokenizer.decode(seq, skip_special_tokens=True)
+        # Decoding appends after the last column, so prompts must be left-padded: never a cached-prefix batch
+        # (its text after the prefix is right-padded).
+        cached, self.cache_prefix = self.cache_prefix, False
+        try:
+            for idx, batch in self.batches(examples, batch_size):
+                ids = self.backbone.generate(self.inputs(batch), self.method.apply, limit, stops)
+                for i, seq in zip(idx, ids, strict=True):
+                    out[i] = self.backbone.tokenizer.decode(seq, skip_special_tokens=True)
+        finally:
+            self.cache_prefix = cached
         return out
 
     @torch.no_grad()

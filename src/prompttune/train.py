@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +96,12 @@ def fit(
     targets = model.head.encode_labels(train)
     if dev:
         model.head.encode_labels(dev)  # fail now, not after training, on a label the head does not cover
-    optimizer = torch.optim.AdamW(
-        model.method.param_groups(cfg.lr) + [{"params": list(model.head.parameters()), "lr": cfg.lr}],
-        weight_decay=cfg.weight_decay,
-    )
+    groups = model.method.param_groups(cfg.lr) + [{"params": list(model.head.parameters()), "lr": cfg.lr}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:  # nothing to train (the manual prompt): evaluate and tune on dev only
+        cfg = replace(cfg, max_steps=0, checkpoint=False)
+        groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": cfg.lr}]  # AdamW refuses an empty list
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg))
     wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = {"step": 0, "best_step": 0, "best": None, "best_dev": None, "bad_evals": 0, "log": [], "seconds": 0.0}
@@ -114,9 +116,7 @@ def fit(
             raise PromptTuneError("resume needs the output directory of the run to continue")
         state, best_state = _load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, cfg)
     elif dev:
-        _evaluate(
-            model, dev, cfg, state, best_state, out, quiet=True
-        )  # the starting prompt is a candidate  # the starting prompt is a candidate
+        _evaluate(model, dev, cfg, state, best_state, out, quiet=True)  # the starting prompt is a candidate
     step_seconds: list[float] = []
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=quiet, desc="train", dynamic_ncols=True)
     while state["step"] < cfg.max_steps:
@@ -270,6 +270,7 @@ def _load_checkpoint(path: Path, model: PromptModel, optimizer: Any, scheduler: 
             _, i, name = key.split(".", 2)
             opt_state.setdefault(int(i), {})[name] = value
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
+    # LambdaLR.load_state_dict requires "lr_lambdas" (None = a plain function, nothing to restore).
+    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     torch.set_rng_state(tensors["rng.torch"])
     return meta["state"], best_state

@@ -27,6 +27,10 @@ class Backbone(nn.Module):
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:  # padding is always masked, any id will do
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        # Frozen keys/values of token prefixes, shared by every prompt on this backbone (they never go stale: the
+        # backbone never changes). `keep_all_prefixes` also keeps those of one-off evaluations (benchmarks).
+        self.prefix_store: dict[tuple[int, ...], Tensor] = {}
+        self.keep_all_prefixes = False
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         cfg = model.config.get_text_config()
         heads = cfg.num_attention_heads

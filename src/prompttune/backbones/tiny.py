@@ -7,10 +7,11 @@ Three architectures cover the code paths real models take:
 - `tiny-gpt2`: `GPT2LMHeadModel`, a second decoder with *learned absolute* positions and a tied head.
 - `tiny-bert`: `BertModel`, a bidirectional encoder without an MLM head (like the embedded `minilm-l6`).
 
-Tokenizers are trained on a fixed built-in English corpus with the `tokenizers` library, so they are identical
-across processes. The decoders share a byte-level BPE (any string encodes); `tokenizer("x").input_ids` returns
-the BPE ids only, with no BOS/EOS added (GPT-2 convention). `tiny-bert` uses WordPiece and wraps every input as
-`[CLS] ... [SEP]`.
+Tokenizers come from a fixed built-in English corpus via the `tokenizers` library and are identical across
+processes. The decoders share a 512-piece byte-level BPE (any string encodes; " positive", " negative", " good",
+" movie", ... are single pieces); `tokenizer("x").input_ids` returns the BPE ids only, no BOS/EOS added (GPT-2
+convention, like SmolLM2). `tiny-bert` uses a WordPiece vocab (characters + whole corpus words, unknown
+characters -> `[UNK]`) and wraps every input as `[CLS] ... [SEP]`.
 
 Attention is `eager`: plain matmul + softmax, deterministic on CPU and GPU and able to return attention maps;
 speed is irrelevant at this size.
@@ -19,6 +20,7 @@ speed is irrelevant at this size.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -73,36 +75,46 @@ The story starts slowly, but the second half is very strong and the final scene 
 """
 
 
+def _corpus() -> list[str]:
+    return _CORPUS.splitlines(keepends=True) + [_KEYWORDS + "\n", " " + _KEYWORDS + "\n"] * 8
+
+
+def _bpe() -> Tokenizer:
+    # The BPE trainer is deterministic here: the byte alphabet is fixed and merge ties break on pair ids.
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok
+
+
+def _wordpiece() -> Tokenizer:
+    # Not WordPieceTrainer: it numbers the alphabet in hash-map order, so ids differ between processes.
+    # Vocab = specials, every corpus character (alone and as "##c"), then whole words by frequency.
+    normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for line in _corpus() for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(line)))
+    chars = sorted({c for w in words for c in w})
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
+    pieces += [w for w, _ in sorted(words.items(), key=lambda wc: (-wc[1], wc[0])) if len(w) > 1]
+    tok = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, splitter, decoders.WordPiece()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return tok
+
+
 @functools.cache
 def _tokenizer_json(kind: str) -> str:
-    """Train the tokenizer once per process; returns its JSON so each `build` gets a fresh, unshared object."""
-    corpus = _CORPUS.splitlines(keepends=True) + [_KEYWORDS + "\n", " " + _KEYWORDS + "\n"] * 8
-    if kind == "bpe":
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-        trainer = trainers.BpeTrainer(
-            vocab_size=512,
-            special_tokens=["<|endoftext|>", "<pad>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-    else:
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False
-        )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    if kind == "wordpiece":
-        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-        )
-    return tok.to_str()
+    """Build the tokenizer once per process; returns its JSON so each `build` gets a fresh, unshared object."""
+    return (_bpe() if kind == "bpe" else _wordpiece()).to_str()
 
 
 def build_tokenizer(name: str) -> PreTrainedTokenizerFast:

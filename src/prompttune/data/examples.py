@@ -39,16 +39,18 @@ def load_examples(source: Any, label_field: str | None = None, require_label: bo
             if split is None:
                 raise PromptTuneError(f"{path}: directory holds no train.tsv/.csv/.jsonl")
             path = split
-        return _from_records(_read_file(path), str(path), label_field, require_label, header_offset=1)
+        records, lines = _read_file(path)
+        return _from_records(records, str(path), label_field, require_label, lines=lines)
     if hasattr(source, "to_list"):  # datasets.Dataset
         source = source.to_list()
     if isinstance(source, Iterable):
         records = [{"text": r} if isinstance(r, str) else r for r in source]
-        return _from_records(records, "<data>", label_field, require_label, header_offset=0)
+        return _from_records(records, "<data>", label_field, require_label)
     raise PromptTuneError(f"data: expected a file path, directory, list of dicts or Dataset, got {type(source)}")
 
 
-def _read_file(path: Path) -> list[dict[str, Any]]:
+def _read_file(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """Records and the file line each one starts on (for error messages)."""
     if not path.exists():
         raise PromptTuneError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -61,40 +63,47 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
         return _read_json(path, text)
     delimiter = "\t" if suffix == ".tsv" else ","
     reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-    rows = []
-    for i, row in enumerate(reader):
+    rows, lines = [], []
+    for row in reader:
         if None in row or any(v is None for v in row.values()):
             raise PromptTuneError(
-                f"{path}:{i + 2}: expected {len(reader.fieldnames or [])} columns "
+                f"{path}:{reader.line_num}: expected {len(reader.fieldnames or [])} columns "
                 f"({', '.join(reader.fieldnames or [])})"
             )
         rows.append({k.strip(): v for k, v in row.items()})
+        lines.append(reader.line_num)  # counts blank lines too (DictReader skips them)
     if not rows:
         raise PromptTuneError(f"{path}: no data rows after the header")
-    return rows
+    return rows, lines
 
 
-def _read_json(path: Path, text: str) -> list[dict[str, Any]]:
+def _read_json(path: Path, text: str) -> tuple[list[dict[str, Any]], list[int]]:
     stripped = text.lstrip()
     if path.suffix == ".json" and stripped.startswith("["):
         records = json.loads(text)
+        lines = list(range(1, len(records) + 1))  # "line" = record number in a JSON array
     else:
-        records = []
+        records, lines = [], []
         for i, line in enumerate(text.splitlines()):
             if not line.strip():
                 continue
             try:
                 records.append(json.loads(line))
+                lines.append(i + 1)
             except json.JSONDecodeError as err:
                 raise PromptTuneError(f"{path}:{i + 1}: not valid JSON ({err.msg})") from None
-    for i, rec in enumerate(records):
+    for rec, line in zip(records, lines, strict=True):
         if not isinstance(rec, dict):
-            raise PromptTuneError(f"{path}:{i + 1}: expected a JSON object per line, got {type(rec).__name__}")
-    return records
+            raise PromptTuneError(f"{path}:{line}: expected a JSON object per line, got {type(rec).__name__}")
+    return records, lines
 
 
 def _from_records(
-    records: list[Mapping[str, Any]], where: str, label_field: str | None, require_label: bool, header_offset: int
+    records: list[Mapping[str, Any]],
+    where: str,
+    label_field: str | None,
+    require_label: bool,
+    lines: list[int] | None = None,
 ) -> list[Example]:
     if not records:
         raise PromptTuneError(f"{where}: no examples")
@@ -108,7 +117,7 @@ def _from_records(
         )
     examples = []
     for i, rec in enumerate(records):
-        line = f"{where}:{i + 1 + header_offset}"
+        line = f"{where}:{lines[i] if lines else i + 1}"
         fields = {k: _as_text(v) for k, v in rec.items() if k != label_col}
         label = _as_label(rec.get(label_col)) if label_col else None
         if require_label and label is None:
