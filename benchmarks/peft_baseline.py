@@ -112,20 +112,23 @@ class PeftPromptTuning:
         return {"accuracy": metrics.accuracy(gold, pred), "macro_f1": metrics.macro_f1(gold, pred, self.labels)}
 
 
-def fit(peft: PeftPromptTuning, train: Sequence[Example], dev: Sequence[Example], cfg: TrainConfig) -> dict[str, Any]:
+def fit(
+    peft: PeftPromptTuning, train: Sequence[Example], dev: Sequence[Example] | None, cfg: TrainConfig
+) -> dict[str, Any]:
     """Train with the same schedule, data order and model selection as `prompttune.train.fit`.
 
     Returns:
-        `best_step`, `best_dev` (metrics), `steps`, `seconds` and `seconds_per_step` (training steps only,
-        evaluation excluded, as in `FitResult`).
+        `best_step`, `best_dev` (metrics, None without dev), `steps`, `seconds`, `seconds_per_step` (training
+        steps only, evaluation excluded, as in `FitResult`) and `step_seconds` (each step's time).
     """
     torch.manual_seed(cfg.seed)
     params = peft.trainable()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg))
     targets = torch.tensor([peft.labels.index(ex.label) for ex in train])  # (N,)
-    best = {"step": 0, "dev": peft.metrics(dev, cfg.eval_batch_size), "state": [p.detach().clone() for p in params]}
-    seconds, steps = 0.0, 0
+    dev_metrics = peft.metrics(dev, cfg.eval_batch_size) if dev else None  # the initial prompt is a candidate
+    best = {"step": 0, "dev": dev_metrics, "state": [p.detach().clone() for p in params]}
+    step_seconds: list[float] = []
     for step in range(cfg.max_steps):
         peft.model.train()
         tic = time.perf_counter()
@@ -137,19 +140,21 @@ def fit(peft: PeftPromptTuning, train: Sequence[Example], dev: Sequence[Example]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        seconds += time.perf_counter() - tic
+        step_seconds.append(time.perf_counter() - tic)
         steps = step + 1
-        if steps % cfg.eval_every == 0 or steps == cfg.max_steps:
+        if dev and (steps % cfg.eval_every == 0 or steps == cfg.max_steps):
             dev_metrics = peft.metrics(dev, cfg.eval_batch_size)
             if dev_metrics["accuracy"] > best["dev"]["accuracy"]:
                 best = {"step": steps, "dev": dev_metrics, "state": [p.detach().clone() for p in params]}
-    with torch.no_grad():
-        for p, saved in zip(params, best["state"], strict=True):
-            p.copy_(saved)
+    if dev:
+        with torch.no_grad():
+            for p, saved in zip(params, best["state"], strict=True):
+                p.copy_(saved)
     return {
-        "best_step": best["step"],
+        "best_step": best["step"] if dev else len(step_seconds),
         "best_dev": best["dev"],
-        "steps": steps,
-        "seconds": seconds,
-        "seconds_per_step": seconds / max(1, steps),
+        "steps": len(step_seconds),
+        "seconds": sum(step_seconds),
+        "seconds_per_step": sum(step_seconds) / max(1, len(step_seconds)),
+        "step_seconds": step_seconds,
     }

@@ -86,8 +86,8 @@ def dataset_table(dataset: str, cells: dict, seeds_expected: int) -> list[str]:
         f"### {dataset}",
         "",
         "| method | seeds | test acc % mean (std) | macro-F1 % | acc % uncalibrated | calibrated | dev acc % "
-        "| s/step | peak RSS train MB | peak RSS MB | trainable params | n_test |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| s/step mean | s/step median | peak RSS train MB | peak RSS MB | trainable params | n_test |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     methods = order({m for d, m in cells if d == dataset}, METHODS)
     for method in methods:
@@ -97,13 +97,15 @@ def dataset_table(dataset: str, cells: dict, seeds_expected: int) -> list[str]:
         raw, _ = mean_std([r.get("test_accuracy_uncalibrated") for r in rs])
         dev, _ = mean_std([r.get("dev_best") for r in rs])
         sps, _ = mean_std([r.get("seconds_per_step") for r in rs])
+        sps_median, _ = mean_std([r.get("seconds_per_step_median") for r in rs])
         peak_train, _ = mean_std([r.get("peak_rss_train_mb") for r in rs])
         peak, _ = mean_std([r.get("peak_rss_mb") for r in rs])
         n_test = sorted({r.get("n_test") for r in rs})
         calibrated = sum(bool(r.get("calibrated")) for r in rs)
         lines.append(
             f"| {method} | {len(rs)}/{seeds_expected} | {fmt(acc, 1, 100)} ({fmt(sd, 1, 100)}) | {fmt(f1, 1, 100)} "
-            f"| {fmt(raw, 1, 100)} | {calibrated}/{len(rs)} | {fmt(dev, 1, 100)} | {fmt(sps, 3)} "
+            f"| {fmt(raw, 1, 100)} | {calibrated}/{len(rs)} | {fmt(dev, 1, 100)} "
+            f"| {fmt(sps, 3)} | {fmt(sps_median, 3)} "
             f"| {fmt(peak_train, 0)} | {fmt(peak, 0)} | {rs[0].get('trainable_params', 0):,} "
             f"| {', '.join(map(str, n_test))} |"
         )
@@ -131,15 +133,17 @@ def timing_table(timing: list[dict[str, Any]]) -> list[str]:
     if not timing:
         return ["Not measured yet: run `python benchmarks/run.py --timing-only`.", ""]
     lines = [
-        "| method | s/step | steps | trainable params | peak RSS train MB |",
-        "|---|---|---|---|---|",
+        "| method | s/step (median round) | fastest round | rounds | steps per round | trainable params "
+        "| peak RSS train MB |",
+        "|---|---|---|---|---|---|---|",
     ]
     by_method = {r["method"]: r for r in timing}
     for method in order(set(by_method), METHODS):
         r = by_method[method]
         lines.append(
-            f"| {method} | {fmt(r.get('seconds_per_step'), 3)} | {r.get('steps')} | {r.get('trainable_params', 0):,} "
-            f"| {fmt(r.get('peak_rss_train_mb'), 0)} |"
+            f"| {method} | {fmt(r.get('seconds_per_step'), 3)} | {fmt(r.get('seconds_per_step_min'), 3)} "
+            f"| {', '.join(fmt(v, 2) for v in r.get('seconds_per_step_rounds', []))} | {r.get('steps')} "
+            f"| {r.get('trainable_params', 0):,} | {fmt(r.get('peak_rss_train_mb'), 0)} |"
         )
     return lines + [""]
 

@@ -19,6 +19,7 @@ import os
 import platform
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -154,6 +155,10 @@ def _peft_version() -> str:
         return "not installed"
 
 
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def write_json(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -177,6 +182,12 @@ def stratified_subset(examples: list[Example], limit: int | None, seed: int = TE
         counts[lab] += 1
     keep = [i for lab, idx in by_label.items() for i in rng.sample(idx, counts[lab])]
     return [examples[i] for i in sorted(keep)]
+
+
+def test_subset_label(args: argparse.Namespace) -> str:
+    if args.timing_only:
+        return "none (timing only)"
+    return "full" if args.test_limit is None else f"stratified sample, seed {TEST_SUBSET_SEED}"
 
 
 def load_split(data_dir: Path, dataset: str, seed: int) -> tuple[list[Example], list[Example]]:
@@ -241,7 +252,7 @@ class Runner:
             record.update(self._run_ours(cell, cfg, train, dev, test))
         record.update(
             n_test=len(test),
-            test_subset="full" if self.args.test_limit is None else f"stratified, seed {TEST_SUBSET_SEED}",
+            test_subset=test_subset_label(self.args),
             peak_rss_mb=round(peak_rss_mb(), 1),
             peak_rss_scope="cell" if scoped else "process (peak could not be reset)",
             wall_seconds=round(time.perf_counter() - wall, 2),
@@ -258,7 +269,7 @@ class Runner:
     def _run_ours(self, cell: Cell, cfg, train, dev, test) -> dict[str, Any]:
         tuner = PromptTuner(config=cfg, backbone=self.backbone)
         rss_base = rss_mb()
-        result = tuner.fit(train, dev, quiet=True)
+        result = tuner.fit(train, None if self.args.timing_only else dev, quiet=True)
         peak_train = peak_rss_mb()
         model = tuner.model
         out: dict[str, Any] = {
@@ -269,6 +280,7 @@ class Runner:
             "steps": result.steps,
             "train_seconds": round(result.seconds, 3),
             "seconds_per_step": result.seconds_per_step if result.steps else None,
+            "seconds_per_step_median": median([r["seconds"] for r in result.log if "seconds" in r]),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "rss_base_mb": round(rss_base, 1),
             "peak_rss_train_mb": round(peak_train, 1),
@@ -295,16 +307,17 @@ class Runner:
             MODEL, cfg.task.template, cfg.task.verbalizer, cfg.method_config["num_virtual_tokens"], hint_text(cfg)
         )
         rss_base = rss_mb()
-        result = peft_baseline.fit(model, train, dev, cfg.train)
+        result = peft_baseline.fit(model, train, None if self.args.timing_only else dev, cfg.train)
         peak_train = peak_rss_mb()
         out: dict[str, Any] = {
             "base_method": "peft.PromptTuningConfig",
-            "dev_best": result["best_dev"]["accuracy"],
+            "dev_best": result["best_dev"]["accuracy"] if result["best_dev"] else None,
             "dev_best_step": result["best_step"],
             "calibrated": False,
             "steps": result["steps"],
             "train_seconds": round(result["seconds"], 3),
             "seconds_per_step": result["seconds_per_step"],
+            "seconds_per_step_median": median(result["step_seconds"]),
             "trainable_params": sum(p.numel() for p in model.trainable()),
             "rss_base_mb": round(rss_base, 1),
             "peak_rss_train_mb": round(peak_train, 1),
@@ -350,6 +363,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-limit", type=int, default=None, help="score a fixed stratified sample of N test rows")
     p.add_argument("--max-cells", type=int, default=None, help="run at most N missing cells, then stop")
     p.add_argument("--force", action="store_true", help="rerun cells whose result file exists")
+    p.add_argument("--repeats", type=int, default=3, help="--timing-only: interleaved rounds (median is kept)")
     p.add_argument("--results", type=Path, default=HERE / "results", help="where the main grid's JSON files go")
     args = p.parse_args(argv)
     if args.quick and args.timing_only:
@@ -381,24 +395,63 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     if todo:
         runner = Runner(args, overrides)
-        for i, cell in enumerate(todo, 1):
-            tic = time.perf_counter()
-            try:
-                record = runner.run(cell)
-            except Exception:  # one broken cell must not sink an overnight grid
-                failed += 1
-                (out_dir / f"{cell.name}.error.txt").parent.mkdir(parents=True, exist_ok=True)
-                (out_dir / f"{cell.name}.error.txt").write_text(traceback.format_exc())
-                print(f"[{i}/{len(todo)}] {cell.name}: FAILED (see {cell.name}.error.txt)", flush=True)
-                continue
-            write_json(out_dir / f"{cell.name}.json", record)
-            (out_dir / f"{cell.name}.error.txt").unlink(missing_ok=True)
-            print(f"[{i}/{len(todo)}] {cell.name}: {summary(record)} ({time.perf_counter() - tic:.0f} s)", flush=True)
+        if args.timing_only:
+            failed = run_timing(runner, todo, out_dir, args.repeats)
+        else:
+            for i, cell in enumerate(todo, 1):
+                record = run_logged(runner, cell, out_dir, f"[{i}/{len(todo)}]")
+                if record is None:
+                    failed += 1
+                else:
+                    write_json(out_dir / f"{cell.name}.json", record)
     if args.quick:
         report.main(["--results", str(out_dir), "--out", str(out_dir / "REPORT.md"), "--plots", str(out_dir)])
     else:
         report.main(["--results", str(args.results)])
     return 1 if failed else 0
+
+
+def run_logged(runner: Runner, cell: Cell, out_dir: Path, tag: str) -> dict[str, Any] | None:
+    """Run one cell; on failure write `<cell>.error.txt` (one broken cell must not sink an overnight grid)."""
+    tic = time.perf_counter()
+    error = out_dir / f"{cell.name}.error.txt"
+    try:
+        record = runner.run(cell)
+    except Exception:
+        error.parent.mkdir(parents=True, exist_ok=True)
+        error.write_text(traceback.format_exc())
+        print(f"{tag} {cell.name}: FAILED (see {error})", flush=True)
+        return None
+    error.unlink(missing_ok=True)
+    print(f"{tag} {cell.name}: {summary(record)} ({time.perf_counter() - tic:.0f} s)", flush=True)
+    return record
+
+
+def run_timing(runner: Runner, cells: list[Cell], out_dir: Path, repeats: int) -> int:
+    """Interleaved rounds over the methods (a shared CPU drifts); each method's figure is the median round."""
+    rounds: dict[Cell, list[dict[str, Any]]] = {c: [] for c in cells}
+    failed = 0
+    for r in range(repeats):
+        for cell in cells:
+            record = run_logged(runner, cell, out_dir, f"[round {r + 1}/{repeats}]")
+            if record is None:
+                failed += 1
+            else:
+                rounds[cell].append(record)
+    for cell, records in rounds.items():
+        if not records:
+            continue
+        per_round = [rec["seconds_per_step"] for rec in records]
+        record = dict(records[-1])
+        record.update(
+            seconds_per_step=median(per_round),
+            seconds_per_step_rounds=per_round,
+            seconds_per_step_min=min(per_round),
+            peak_rss_train_mb=max(rec["peak_rss_train_mb"] for rec in records),
+            peak_rss_mb=max(rec["peak_rss_mb"] for rec in records),
+        )
+        write_json(out_dir / f"{cell.name}.json", record)
+    return failed
 
 
 def summary(record: dict[str, Any]) -> str:

@@ -110,17 +110,19 @@ class PromptTuner:
         *,
         config: RunConfig | None = None,
         backbone: Backbone | None = None,
+        device: str = "cpu",
         **kwargs: Any,
     ):
         self.config = make_config(model, method, base=config, **kwargs) if (kwargs or not config) else config
         self._backbone = backbone
+        self.device = device
         self.model: PromptModel | None = None
         self.result: FitResult | None = None
 
     @property
     def backbone(self) -> Backbone:
         if self._backbone is None:
-            self._backbone = load_backbone(self.config.model)
+            self._backbone = load_backbone(self.config.model, self.device)
         return self._backbone
 
     def _examples(self, data: Any, require_label: bool = True) -> list[Example]:
@@ -200,7 +202,7 @@ class PromptTuner:
         return artifacts.save(self._require_model(), self.config.to_dict(), path, metrics, __version__)
 
     @classmethod
-    def load(cls, path: str | Path, backbone: Backbone | None = None) -> PromptTuner:
+    def load(cls, path: str | Path, backbone: Backbone | None = None, device: str = "cpu") -> PromptTuner:
         """Load an artifact; the backbone is rebuilt from its recorded name unless given."""
         path = Path(path)
         manifest = artifacts.read_manifest(path)
@@ -208,7 +210,7 @@ class PromptTuner:
         cfg = RunConfig.from_dict(raw, where=str(path / "run.yaml"))
         cfg.method_config = artifacts.read_json(path / "method_config.json")
         head_cfg = artifacts.read_json(path / "head.json")
-        tuner = cls(config=cfg, backbone=backbone)
+        tuner = cls(config=cfg, backbone=backbone, device=device)
         artifacts.check_backbone(manifest, tuner.backbone.spec, str(path))
         tuner.model = build_model(cfg, tuner.backbone, head_cfg.get("labels", []))
         state = artifacts.load_tensors(path / "prompt.safetensors")

@@ -108,7 +108,8 @@ def fit(
     best_state = _snapshot(model)
 
     def checkpoint() -> None:
-        if out is not None and cfg.checkpoint:
+        # Under DDP every process holds the same state after the all-reduce; one of them writes it.
+        if out is not None and cfg.checkpoint and accelerator.is_main_process:
             _save_checkpoint(out / CHECKPOINT, model, best_state, state, optimizer, scheduler, cfg)
 
     if resume:
@@ -143,7 +144,7 @@ def fit(
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             state["seconds"] += sum(step_seconds)
             step_seconds.clear()
-            stop = _evaluate(model, dev, cfg, state, best_state, out, quiet)
+            stop = _evaluate(model, dev, cfg, state, best_state, out if accelerator.is_main_process else None, quiet)
             checkpoint()
             if stop:
                 break

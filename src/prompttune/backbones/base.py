@@ -60,7 +60,7 @@ class Backbone(nn.Module):
 
     def embed(self, ids: Tensor) -> Tensor:
         """Token ids (...,) -> input embeddings (..., D), including any model-specific scaling."""
-        return self.model.get_input_embeddings()(ids)
+        return self.model.get_input_embeddings()(ids.to(self.device))
 
     def forward(self, inputs: PromptInputs) -> Tensor:
         """Run the model; returns final hidden states `(B, T, D)` for the current (non-past) positions."""

@@ -49,7 +49,7 @@ class ClassifierHead(Head):
     def decide(self, scores: Tensor) -> list[Any]:
         if not self.multi_label:
             return super().decide(scores)
-        chosen = torch.sigmoid(scores) >= self.threshold  # (N, C)
+        chosen = torch.sigmoid(scores) >= float(self.threshold)  # (N, C)
         return [tuple(self.labels[j] for j in torch.nonzero(row).flatten().tolist()) for row in chosen]
 
     def config(self) -> dict[str, Any]:

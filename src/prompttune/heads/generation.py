@@ -45,7 +45,7 @@ class GenerationHead(Head):
         return backbone.lm_logits(h).float()  # (B, K, V): target positions only
 
     def loss(self, scores: Tensor, targets: Tensor, batch: Batch) -> Tensor:
-        return F.cross_entropy(scores.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
+        return F.cross_entropy(scores.flatten(0, 1), batch.targets.to(scores.device).flatten(), ignore_index=-100)
 
     def encode_labels(self, examples):  # targets travel inside the rows
         return None

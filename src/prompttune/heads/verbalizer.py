@@ -98,7 +98,7 @@ class VerbalizerHead(Head):
 
         if mode == "none" or self.multi_label:
             return {"calibrated": False}
-        raw = dev_scores + self.prior  # scores without any previous calibration
+        raw = dev_scores + self.prior.cpu()  # scores (on the CPU) without any previous calibration
         prior = model.content_free_prior()  # (C,)
         chosen = mode == "content_free"
         if mode == "auto" and dev:

@@ -66,7 +66,8 @@ class DePT(SoftPromptMethod):
         vectors = init_vectors(self.config.init, self.num_soft_slots, self.spec, ctx, self.config.init_text)
         with torch.no_grad():
             self.prompt.copy_(vectors)
-            self.lora_a.normal_(0.0, 1.0 / math.sqrt(self.config.rank), generator=ctx.generator)
+            # drawn on the CPU generator, then copied: the same values on every device
+            self.lora_a.copy_(torch.randn(self.lora_a.shape, generator=ctx.generator) / math.sqrt(self.config.rank))
             self.lora_b.zero_()
 
     def apply(self, inputs: PromptInputs) -> PromptInputs:

@@ -35,7 +35,7 @@ def init_vectors(strategy: str, n: int, spec: BackboneSpec, ctx: InitContext, te
     """
     if strategy == "random":
         with torch.no_grad():
-            sample = spec.embed_tokens(vocab_ids(spec, ctx, _STAT_SAMPLE))  # (S, D)
+            sample = spec.embed_tokens(vocab_ids(spec, ctx, _STAT_SAMPLE)).cpu()  # (S, D)
         mean, std = sample.mean(0), sample.std(0)  # (D,), (D,)
         return mean + std * torch.randn(n, spec.hidden_size, generator=ctx.generator)
     if strategy == "sample_vocab":
@@ -49,4 +49,4 @@ def init_vectors(strategy: str, n: int, spec: BackboneSpec, ctx: InitContext, te
     else:
         raise PromptTuneError(f"init: expected one of {STRATEGIES}, got {strategy!r}")
     with torch.no_grad():
-        return spec.embed_tokens(ids).detach().clone()  # (n, D)
+        return spec.embed_tokens(ids).detach().cpu().clone()  # (n, D)

@@ -76,7 +76,7 @@ class PrefixTuning(SoftPromptMethod):
         P = self.config.num_virtual_tokens
         if self.config.init == "random" or ctx.prefix_kv is None:
             with torch.no_grad():
-                self.kv.normal_(0.0, 0.5, generator=ctx.generator)
+                self.kv.copy_(0.5 * torch.randn(self.shape, generator=ctx.generator))
             return
         text = self.config.init_text or ctx.hint_text
         ids = ctx.tokenizer(text, add_special_tokens=False)["input_ids"]
