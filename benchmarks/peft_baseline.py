@@ -15,6 +15,7 @@ The loss is cross-entropy over the label words' log-probabilities at the last po
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,6 +67,8 @@ class PeftPromptTuning:
     ):
         from peft import PromptTuningConfig, get_peft_model
 
+        # PEFT 0.21 asks transformers 5 a deprecated question on every wrap; the warning is PEFT's, not the user's
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model, tokenizer, ref = zoo.load(model_name)
         tokenizer.padding_side = "left"  # what PEFT's docs and users do for decoder-only classification
         if tokenizer.pad_token is None:

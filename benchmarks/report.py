@@ -267,7 +267,7 @@ def plot_speed(cells: dict, timing: list[dict[str, Any]], path: Path) -> None:
         methods = order(set(values), METHODS)
         ax.barh(methods, [values[m] or 0 for m in methods], color="tab:blue")
         ax.invert_yaxis()
-        ax.set_xlabel("seconds per training step (batch 8, 2 CPU threads)")
+        ax.set_xlabel("seconds per training step (batch 8, CPU)")
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -45,7 +45,7 @@ from prompttune.evaluation import score_metrics  # noqa: E402
 from prompttune.types import Example  # noqa: E402
 
 MODEL = "smollm2-135m"
-THREADS = 2
+THREADS = 2  # the machine's two cores; on a CPU shared with other jobs, `--threads 1` times far more steadily
 DATASETS = ("sst-2", "mr", "cr", "sst-5")
 SEEDS = (13, 21, 42, 87, 100)
 METHODS = (
@@ -135,8 +135,9 @@ def rss_mb() -> float:
 
 
 def environment() -> dict[str, Any]:
+    threads = torch.get_num_threads()
     return {
-        "device": f"cpu, {THREADS} threads",
+        "device": f"cpu, {threads} thread{'s' if threads > 1 else ''}",
         "cpu": cpu_name(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -363,6 +364,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-limit", type=int, default=None, help="score a fixed stratified sample of N test rows")
     p.add_argument("--max-cells", type=int, default=None, help="run at most N missing cells, then stop")
     p.add_argument("--force", action="store_true", help="rerun cells whose result file exists")
+    p.add_argument("--threads", type=int, default=THREADS, help="torch threads (default: 2, the machine's cores)")
     p.add_argument("--repeats", type=int, default=3, help="--timing-only: interleaved rounds (median is kept)")
     p.add_argument("--results", type=Path, default=HERE / "results", help="where the main grid's JSON files go")
     args = p.parse_args(argv)
@@ -387,7 +389,8 @@ def settings(args: argparse.Namespace) -> tuple[list[Cell], Path, dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()  # one "Loading weights" bar per PEFT cell drowns the log
     cells, out_dir, overrides = settings(args)
     todo = [c for c in cells if args.force or not (out_dir / f"{c.name}.json").exists()]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run -> {out_dir}", flush=True)

@@ -82,12 +82,12 @@ def _load_method(artifact_dir: Path) -> tuple[dict[str, Any], dict[str, Any], An
     return manifest, run or {}, method
 
 
-def _prompt_config(method: Any, sizes: dict[str, Any]) -> dict[str, Any]:
+def _prompt_config(tensor: torch.Tensor, sizes: dict[str, Any]) -> dict[str, Any]:
     return {
         "num_attention_heads": sizes["num_heads"],
         "num_layers": sizes["num_layers"],
         "num_transformer_submodules": 1,
-        "num_virtual_tokens": method.num_soft_slots,
+        "num_virtual_tokens": tensor.shape[0],
         "peft_type": "PROMPT_TUNING",
         "prompt_tuning_init": "RANDOM",  # TEXT/SAMPLE_VOCAB would make PEFT load a tokenizer on load
         "prompt_tuning_init_text": None,
@@ -97,34 +97,22 @@ def _prompt_config(method: Any, sizes: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _export_prompt(method: Any, sizes: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
-    return _prompt_config(method, sizes), method.prompt.detach()  # (N, D)
-
-
-def _export_p_tuning(method: Any, sizes: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
-    # PEFT's own P-tuning adapters store only the encoder output, so a prompt-tuning adapter is the same thing.
-    return _prompt_config(method, sizes), method.prompt().detach()  # (N, D)
-
-
-def _export_prefix(method: Any, sizes: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
-    kv = method.prefix().detach()  # (L, 2, kvh, P, hd)
-    L, two, kvh, P, hd = kv.shape
-    flat = kv.permute(3, 0, 1, 2, 4).reshape(P, L * two * kvh * hd)  # (P, L*2*kvh*hd): get_prompt's view order
-    config = {
-        "encoder_hidden_size": kvh * hd,
+def _prefix_config(tensor: torch.Tensor, sizes: dict[str, Any]) -> dict[str, Any]:
+    kv_dim = sizes["num_kv_heads"] * sizes["head_dim"]  # PEFT rewrites token_dim/heads to key/value sizes (GQA)
+    return {
+        "encoder_hidden_size": kv_dim,
         "init_weights": None,
-        "num_attention_heads": kvh,
-        "num_layers": L,
+        "num_attention_heads": sizes["num_kv_heads"],
+        "num_layers": sizes["num_layers"],
         "num_transformer_submodules": 1,
-        "num_virtual_tokens": P,
+        "num_virtual_tokens": tensor.shape[0],
         "peft_type": "PREFIX_TUNING",
-        "prefix_projection": False,  # the projection is applied here; PEFT loads the resulting prefix as is
-        "token_dim": kvh * hd,
+        "prefix_projection": False,  # any projection is applied already; PEFT loads the resulting prefix as is
+        "token_dim": kv_dim,
     }
-    return config, flat
 
 
-_EXPORTERS = {"prompt_tuning": _export_prompt, "p_tuning": _export_p_tuning, "prefix_tuning": _export_prefix}
+_CONFIGS = {"PROMPT_TUNING": _prompt_config, "PREFIX_TUNING": _prefix_config}  # keyed by PEFT's type
 
 
 def export_peft(artifact_dir: str | Path, out_dir: str | Path) -> list[str]:
@@ -140,15 +128,15 @@ def export_peft(artifact_dir: str | Path, out_dir: str | Path) -> list[str]:
     """
     artifact_dir = Path(artifact_dir)
     manifest, run, method = _load_method(artifact_dir)
-    name = manifest["method"]
-    if name not in _EXPORTERS:
-        raise PromptTuneError(
-            f"{artifact_dir}: method {name!r} has no PEFT equivalent; PEFT export supports {', '.join(_EXPORTERS)}"
-        )
+    exported = method.peft_export()
+    if exported is None:
+        raise PromptTuneError(f"{artifact_dir}: method {manifest['method']!r} has no PEFT equivalent (PEFT export "
+                              f"covers prompt tuning, P-tuning and prefix tuning)")
     sizes = manifest["backbone"]
     if sizes["kind"] != "causal_lm":
         raise PromptTuneError(f"{artifact_dir}: PEFT export supports causal LMs only, this prompt is for an encoder")
-    config, tensor = _EXPORTERS[name](method, sizes)
+    peft_type, tensor = exported
+    config = _CONFIGS[peft_type](tensor, sizes)
     config = {
         **_COMMON,
         "base_model_name_or_path": run.get("model", sizes.get("name")),

@@ -63,6 +63,13 @@ class SoftPromptMethod(nn.Module):
         """Optimizer groups; methods with several learning rates (DePT) override this."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
 
+    def peft_export(self) -> tuple[str, Tensor] | None:
+        """The prompt as a PEFT adapter tensor: (peft_type, `prompt_embeddings`), or None when PEFT has no equivalent.
+
+        `PROMPT_TUNING` takes (N, D) input vectors; `PREFIX_TUNING` takes (P, layers * 2 * kvh * hd).
+        """
+        return None
+
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 

@@ -77,3 +77,7 @@ class PTuning(SoftPromptMethod):
 
     def apply(self, inputs: PromptInputs) -> PromptInputs:
         return inputs.replace(inputs_embeds=write_soft(inputs, self.prompt()))
+
+    def peft_export(self) -> tuple[str, Tensor]:
+        # PEFT's own P-tuning adapters store only the encoder's output, so a prompt-tuning adapter is the same thing.
+        return "PROMPT_TUNING", self.prompt().detach()  # (N, D)

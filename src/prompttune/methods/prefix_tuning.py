@@ -108,3 +108,8 @@ class PrefixTuning(SoftPromptMethod):
             position_ids=inputs.position_ids + P,
             past_attention_mask=inputs.attention_mask.new_ones(B, P),
         )
+
+    def peft_export(self) -> tuple[str, Tensor]:
+        kv = self.prefix().detach()  # (L, 2, kvh, P, hd)
+        L, two, kvh, P, hd = kv.shape
+        return "PREFIX_TUNING", kv.permute(3, 0, 1, 2, 4).reshape(P, L * two * kvh * hd)  # PEFT get_prompt's order

@@ -56,3 +56,6 @@ class PromptTuning(SoftPromptMethod):
 
     def apply(self, inputs: PromptInputs) -> PromptInputs:
         return inputs.replace(inputs_embeds=write_soft(inputs, self.prompt))
+
+    def peft_export(self) -> tuple[str, torch.Tensor]:
+        return "PROMPT_TUNING", self.prompt.detach()  # (N, D)
