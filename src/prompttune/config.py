@@ -81,7 +81,7 @@ class TaskConfig:
 class TrainConfig:
     """The one training loop's settings (every soft method uses the same loop)."""
 
-    lr: float = 3e-2
+    lr: float = 1e-2
     """Peak learning rate for the method's main parameters (methods may declare extra groups, e.g. DePT)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
