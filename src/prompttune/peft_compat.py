@@ -130,8 +130,10 @@ def export_peft(artifact_dir: str | Path, out_dir: str | Path) -> list[str]:
     manifest, run, method = _load_method(artifact_dir)
     exported = method.peft_export()
     if exported is None:
-        raise PromptTuneError(f"{artifact_dir}: method {manifest['method']!r} has no PEFT equivalent (PEFT export "
-                              f"covers prompt tuning, P-tuning and prefix tuning)")
+        raise PromptTuneError(
+            f"{artifact_dir}: method {manifest['method']!r} has no PEFT equivalent (PEFT export "
+            f"covers prompt tuning, P-tuning and prefix tuning)"
+        )
     sizes = manifest["backbone"]
     if sizes["kind"] != "causal_lm":
         raise PromptTuneError(f"{artifact_dir}: PEFT export supports causal LMs only, this prompt is for an encoder")

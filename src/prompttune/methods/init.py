@@ -41,9 +41,13 @@ def init_vectors(strategy: str, n: int, spec: BackboneSpec, ctx: InitContext, te
     if strategy == "sample_vocab":
         ids = vocab_ids(spec, ctx, n)
     elif strategy == "text":
-        text = text or ctx.hint_text
-        ids = torch.tensor(ctx.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        if ids.numel() == 0:
+        # The default hint is blank space; tokenizers that drop whitespace (WordPiece) get a neutral "." instead.
+        candidates = [text] if text else [ctx.hint_text, "."]
+        for text in candidates:
+            ids = torch.tensor(ctx.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+            if ids.numel():
+                break
+        else:
             raise PromptTuneError(f"init_text {text!r} tokenises to nothing")
         ids = ids.repeat((n + ids.numel() - 1) // ids.numel())[:n]  # cycle the text to fill n slots
     else:

@@ -79,7 +79,10 @@ class PrefixTuning(SoftPromptMethod):
                 self.kv.copy_(0.5 * torch.randn(self.shape, generator=ctx.generator))
             return
         text = self.config.init_text or ctx.hint_text
-        ids = ctx.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = (
+            ctx.tokenizer(text, add_special_tokens=False)["input_ids"]
+            or ctx.tokenizer(".", add_special_tokens=False)["input_ids"]
+        )
         if not ids:
             raise PromptTuneError(f"init_text {text!r} tokenises to nothing")
         ids = (ids * P)[:P]  # cycle the text to fill the prefix
