@@ -33,8 +33,18 @@ def cpu_llama():
 
 def _tuner(method: str, backbone, **extra) -> PromptTuner:
     options = {"num_virtual_tokens": 4} if method != "manual" else {}
-    return PromptTuner("tiny-llama", method, backbone=backbone, template=TEMPLATE, verbalizer=SINGLE_WORDS,
-                       max_steps=6, eval_every=3, batch_size=4, **options, **extra)
+    return PromptTuner(
+        "tiny-llama",
+        method,
+        backbone=backbone,
+        template=TEMPLATE,
+        verbalizer=SINGLE_WORDS,
+        max_steps=6,
+        eval_every=3,
+        batch_size=4,
+        **options,
+        **extra,
+    )
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
