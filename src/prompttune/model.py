@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .backbones.base import Backbone
 from .data.collate import Batch, collate
 from .data.templates import Template
+from .errors import PromptTuneError
 from .heads.base import Head
 from .methods.base import SoftPromptMethod
 from .types import Example, PromptInputs, Row
@@ -68,8 +69,6 @@ class PromptModel(nn.Module):
             target = ex.label if (with_targets and not self.head.is_classifier) else None
             rows = self.head.rows(prompt, i, target)
             if max(len(r.ids) for r in rows) > self.backbone.spec.max_positions:
-                from .errors import PromptTuneError
-
                 raise PromptTuneError(
                     f"{ex.source}: prompt plus answer exceed the model's "
                     f"{self.backbone.spec.max_positions}-token context"

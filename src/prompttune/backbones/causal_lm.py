@@ -20,6 +20,7 @@ PastKV = tuple[tuple[Tensor, Tensor], ...]
 class CausalLM(Backbone):
     kind = "causal_lm"
     supports_prefix_cache = True  # causal attention: a prefix's keys/values never depend on what follows
+    _cache_kwarg: str | None = None  # name of the model's cache argument, looked up once
 
     def _body(self, inputs: PromptInputs, use_cache: bool = False):
         mask = inputs.attention_mask  # (B, T)
@@ -31,7 +32,10 @@ class CausalLM(Backbone):
 
     def _call(self, embeds: Tensor, mask: Tensor, position_ids: Tensor, cache: DynamicCache | None, use_cache: bool):
         # transformers >= 5.2x renamed `past_key_values` to `cache`; accept both spellings.
-        key = "cache" if "cache" in inspect.signature(self.model.base_model.forward).parameters else "past_key_values"
+        key = self._cache_kwarg
+        if key is None:
+            params = inspect.signature(self.model.base_model.forward).parameters
+            key = self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         return self.model.base_model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=use_cache, **{key: cache}
         )
