@@ -41,8 +41,9 @@ def main() -> None:
     for method, options in (("manual", {}), ("prompt_tuning", {"num_virtual_tokens": 16})):
         if args.max_steps is not None:
             options["max_steps"] = args.max_steps
-        tuner = PromptTuner("smollm2-135m", method, backbone=backbone, template=TEMPLATE, verbalizer=VERBALIZER,
-                            **options)
+        tuner = PromptTuner(
+            "smollm2-135m", method, backbone=backbone, template=TEMPLATE, verbalizer=VERBALIZER, **options
+        )
         tic = time.perf_counter()
         result = tuner.fit(args.data, out=args.out if method != "manual" else None)
         train_s = time.perf_counter() - tic
@@ -52,8 +53,16 @@ def main() -> None:
         params = tuner.model.method.num_trainable()
         rows.append((method, metrics["accuracy"], metrics["macro_f1"], params, train_s, eval_s, result))
         if method != "manual":
-            tuner.save(args.out, {"dev": result.best_dev, "test": metrics, "tuned_on_dev": result.tuned,
-                                  "seconds_train": train_s, "test_file": str(Path(args.data) / "test.tsv")})
+            tuner.save(
+                args.out,
+                {
+                    "dev": result.best_dev,
+                    "test": metrics,
+                    "tuned_on_dev": result.tuned,
+                    "seconds_train": train_s,
+                    "test_file": str(Path(args.data) / "test.tsv"),
+                },
+            )
             learning_curve(result.log, Path(args.out) / "learning_curve.png", title="prompt_tuning on SST-2 (16-shot)")
     print(f"\nSST-2 test ({len(test)} sentences), SmolLM2-135M-Instruct, template {TEMPLATE!r}")
     print(f"{'method':<15}{'accuracy':>10}{'macro-F1':>10}{'trainable':>11}{'train s':>9}{'eval s':>8}  chosen on dev")
