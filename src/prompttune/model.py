@@ -161,10 +161,12 @@ class PromptModel(nn.Module):
 
     @torch.no_grad()
     def content_free_prior(self) -> Tensor:
-        """Log-prior of each class on content-free inputs (contextual calibration)."""
-        self.head.prior.zero_()
+        """Log-prior of each class on content-free inputs (contextual calibration); leaves the head unchanged."""
+        saved = self.head.prior.clone()
+        self.head.prior.zero_()  # measure the raw prior, not the calibrated one
         examples = [Example({f: text for f in self.template.fields}, source="<content-free>") for text in _CONTENT_FREE]
         probs = self.scores(examples).softmax(-1).mean(0)  # (C,)
+        self.head.prior.copy_(saved)
         return probs.log()
 
 

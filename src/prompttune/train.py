@@ -140,7 +140,7 @@ def fit(
         step_seconds.append(time.perf_counter() - tic)
         state["log"].append({"step": step, "loss": round(loss.item(), 6), "lr": scheduler.get_last_lr()[0]})
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", dev=state["best"])
+        bar.set_postfix(loss=f"{loss.item():.4f}", best_dev=state["best"])
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             state["seconds"] += sum(step_seconds)
             step_seconds.clear()
