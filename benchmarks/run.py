@@ -46,17 +46,7 @@ from prompttune.types import Example  # noqa: E402
 
 MODEL = "smollm2-135m"
 THREADS = 2  # the machine's two cores; on a CPU shared with other jobs, `--threads 1` times far more steadily
-DATASETS = ("sst-2", "mr", "cr", "sst-5")
-SEEDS = (13, 21, 42, 87, 100)
-METHODS = (
-    "manual",
-    "prompt_tuning",
-    "prompt_tuning_nocache",
-    "prefix_tuning",
-    "p_tuning",
-    "dept",
-    "peft_prompt_tuning",
-)
+DATASETS, SEEDS, METHODS = report.DATASETS, report.SEEDS, report.METHODS  # the grid is defined once, in report.py
 _BINARY = {0: " negative", 1: " positive"}
 TASKS: dict[str, dict[str, Any]] = {
     "sst-2": {"template": "Review: {text}\n{soft}Sentiment:{answer}", "verbalizer": _BINARY},
