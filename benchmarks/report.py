@@ -117,12 +117,16 @@ def completeness(records: list[dict[str, Any]]) -> list[str]:
     expected = [(d, s, m) for d in DATASETS for s in SEEDS for m in METHODS]
     missing = [c for c in expected if c not in done]
     lines = [f"**Cells complete: {len(expected) - len(missing)}/{len(expected)}.**"]
-    if missing:
-        by_dataset: dict[str, list[str]] = defaultdict(list)
-        for d, s, m in missing:
-            by_dataset[d].append(f"{s}/{m}")
-        for d in order(set(by_dataset), DATASETS):
-            lines.append(f"- missing in {d} ({len(by_dataset[d])}): {', '.join(by_dataset[d])}")
+    by_seed: dict[tuple[str, int], list[str]] = defaultdict(list)
+    for d, s, m in missing:
+        by_seed[(d, s)].append(m)
+    for d in order({d for d, _ in by_seed}, DATASETS):
+        parts = [
+            f"seed {s}: {'all methods' if len(ms) == len(METHODS) else ', '.join(ms)}"
+            for (dd, s), ms in by_seed.items()
+            if dd == d
+        ]
+        lines.append(f"- missing in {d}: {'; '.join(parts)}")
     partial = sorted({r["dataset"] for r in records if r.get("n_test") != FULL_TEST.get(r["dataset"])})
     if partial:
         lines.append(f"- scored on a test subsample (`--test-limit`): {', '.join(partial)}; not comparable to papers")
@@ -142,7 +146,7 @@ def timing_table(timing: list[dict[str, Any]]) -> list[str]:
         r = by_method[method]
         lines.append(
             f"| {method} | {fmt(r.get('seconds_per_step'), 3)} | {fmt(r.get('seconds_per_step_min'), 3)} "
-            f"| {', '.join(fmt(v, 2) for v in r.get('seconds_per_step_rounds', []))} | {r.get('steps')} "
+            f"| {', '.join(fmt(v, 3) for v in r.get('seconds_per_step_rounds', []))} | {r.get('steps')} "
             f"| {r.get('trainable_params', 0):,} | {fmt(r.get('peak_rss_train_mb'), 0)} |"
         )
     return lines + [""]
@@ -190,7 +194,7 @@ def target_dept(records: list[dict[str, Any]]) -> str:
         saving = 1 - dept / other
         out.append(
             f"- vs {base} ({note}): **{'met' if saving >= 0.2 else 'not met'}**: dept {dept:.3f} vs "
-            f"{other:.3f} s/step = {100 * saving:.0f}% less time per step (target ≥ 20%, {len(pairs)} paired cells)"
+            f"{other:.3f} s/step = {_saving(saving, other / dept)} (target ≥ 20% less, {len(pairs)} paired cells)"
         )
     params = {r["method"]: r.get("trainable_params") for r in records if r["method"] in ("dept", "prompt_tuning")}
     if params:
@@ -200,6 +204,10 @@ def target_dept(records: list[dict[str, Any]]) -> str:
             f" ({'equal' if same else 'NOT equal'}; budget {PARAM_BUDGET:,})"
         )
     return "\n".join(out)
+
+
+def _saving(saving: float, ratio: float) -> str:
+    return f"{100 * saving:.0f}% less time per step" if saving >= 0 else f"dept {1 / ratio:.2f}x slower per step"
 
 
 def target_sst2(cells: dict) -> str:
@@ -232,15 +240,17 @@ def plot_accuracy(cells: dict, path: Path) -> None:
     datasets = order({d for d, _ in cells}, DATASETS)
     methods = order({m for _, m in cells}, METHODS)
     width = 0.8 / max(1, len(methods))
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(datasets)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(datasets)) + 2, 4))
     for j, method in enumerate(methods):
         stats = [mean_std([r.get("test_accuracy") for r in cells.get((d, method), [])]) for d in datasets]
         xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(datasets))]
-        ax.bar(xs, [100 * m for m, _ in stats], width, yerr=[100 * s for _, s in stats], label=method, capsize=2)
+        bars = ax.bar(xs, [100 * m for m, _ in stats], width, yerr=[100 * s for _, s in stats], label=method, capsize=2)
+        ax.bar_label(bars, fmt="%.0f", fontsize=6, padding=3)
     ax.set_xticks(range(len(datasets)), datasets)
     ax.set_ylabel("test accuracy % (mean ± std over seeds)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, ncol=2)
+    if methods:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("SmolLM2-135M, 16-shot, CPU")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -69,6 +69,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "peft_prompt_tuning": ("prompt_tuning", {"num_virtual_tokens": 16}),  # our config only supplies shared settings
 }
 TEST_SUBSET_SEED = 0
+DEFAULT_RESULTS = HERE / "results"
 
 
 @dataclass(frozen=True)
@@ -356,7 +357,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="rerun cells whose result file exists")
     p.add_argument("--threads", type=int, default=THREADS, help="torch threads (default: 2, the machine's cores)")
     p.add_argument("--repeats", type=int, default=3, help="--timing-only: interleaved rounds (median is kept)")
-    p.add_argument("--results", type=Path, default=HERE / "results", help="where the main grid's JSON files go")
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="where the main grid's JSON files go")
     args = p.parse_args(argv)
     if args.quick and args.timing_only:
         p.error("--quick and --timing-only are separate runs; pick one")
@@ -397,8 +398,9 @@ def main(argv: list[str] | None = None) -> int:
                     failed += 1
                 else:
                     write_json(out_dir / f"{cell.name}.json", record)
-    if args.quick:
-        report.main(["--results", str(out_dir), "--out", str(out_dir / "REPORT.md"), "--plots", str(out_dir)])
+    if args.quick or args.results.resolve() != DEFAULT_RESULTS:  # only the main grid writes benchmarks/REPORT.md
+        folder = out_dir if args.quick else args.results
+        report.main(["--results", str(folder), "--out", str(folder / "REPORT.md"), "--plots", str(folder)])
     else:
         report.main(["--results", str(args.results)])
     return 1 if failed else 0
