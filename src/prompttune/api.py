@@ -207,6 +207,10 @@ class PromptTuner:
         """Load an artifact; the backbone is rebuilt from its recorded name unless given."""
         path = Path(path)
         manifest = artifacts.read_manifest(path)
+        if manifest.get("kind") == "discrete":  # a text prompt found by `prompttune search`
+            from .discrete.artifact import DiscretePrompt
+
+            return DiscretePrompt.load(path, backbone, device)  # type: ignore[return-value]
         raw = yaml.safe_load((path / "run.yaml").read_text()) if (path / "run.yaml").is_file() else {}
         cfg = RunConfig.from_dict(raw, where=str(path / "run.yaml"))
         cfg.method_config = artifacts.read_json(path / "method_config.json")

@@ -12,6 +12,7 @@ T = TypeVar("T")
 METHODS: dict[str, type] = {}
 HEADS: dict[str, type] = {}
 BACKBONES: dict[str, type] = {}
+OPTIMIZERS: dict[str, type] = {}  # discrete prompt optimisers (prompttune.discrete)
 
 
 def _register(table: dict[str, type], what: str) -> Callable[[str], Callable[[T], T]]:
@@ -31,6 +32,7 @@ def _register(table: dict[str, type], what: str) -> Callable[[str], Callable[[T]
 register_method = _register(METHODS, "method")
 register_head = _register(HEADS, "head")
 register_backbone = _register(BACKBONES, "backbone")
+register_optimizer = _register(OPTIMIZERS, "optimizer")
 
 
 def lookup(table: dict[str, type], name: str, what: str) -> type:
@@ -44,3 +46,6 @@ def lookup(table: dict[str, type], name: str, what: str) -> type:
 def _ensure_loaded() -> None:
     # Importing the packages runs their decorators; done lazily so `import prompttune` stays light.
     from . import backbones, heads, methods  # noqa: F401
+    from .discrete import load_optimizers
+
+    load_optimizers()

@@ -14,6 +14,7 @@ from ..errors import PromptTuneError
 from ..types import Example
 
 _TOKEN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::(\d+))?\}")
+_PROMPT = "\2"  # stands for `{prompt}` inside a parsed chunk
 _TEXT_ALIASES = ("text", "sentence", "content", "review", "input", "question")
 
 
@@ -50,7 +51,9 @@ class Template:
         for m in _TOKEN.finditer(body):
             chunk.append(body[pos : m.start()])
             name, count = m.group(1), m.group(2)
-            if name == "soft":
+            if name == "prompt":  # where a discrete optimiser's searched text goes (empty elsewhere)
+                chunk.append(_PROMPT)
+            elif name == "soft":
                 self.segments.append(chunk)
                 self.segments.append(int(count) if count else None)
                 chunk = []
@@ -82,16 +85,25 @@ class Template:
         share, rest = divmod(total, len(markers))
         return [share + (1 if i < rest else 0) for i in range(len(markers))]
 
-    def render_chunks(self, example: Example) -> list[str]:
-        """The text chunks between soft markers, with fields filled in."""
-        return [self._fill(seg, example) for seg in self.segments if isinstance(seg, list)]
+    @property
+    def has_prompt(self) -> bool:
+        """Whether the template marks where a discrete prompt goes (`{prompt}`)."""
+        return any(isinstance(s, list) and _PROMPT in s for s in self.segments)
 
-    def _fill(self, pieces: list[str], example: Example) -> str:
+    def render_chunks(self, example: Example, prompt: str = "") -> list[str]:
+        """The text chunks between soft markers, with fields (and `{prompt}`) filled in."""
+        return [self._fill(seg, example, prompt) for seg in self.segments if isinstance(seg, list)]
+
+    def render_text(self, example: Example, prompt: str = "") -> str:
+        """The whole prompt as text up to `{answer}` (soft markers hold nothing): what a text-only LLM reads."""
+        return "".join(self.render_chunks(example, prompt))
+
+    def _fill(self, pieces: list[str], example: Example, prompt: str = "") -> str:
         out = []
         for piece in pieces:
             m = _TOKEN.fullmatch(piece)
-            out.append(resolve_field(example, m.group(1)) if m else piece)
-        return "".join(out).replace("\0", "{").replace("\1", "}")
+            out.append(resolve_field(example, m.group(1)) if m else piece.replace("\0", "{").replace("\1", "}"))
+        return "".join(prompt if piece == _PROMPT else piece for piece in out)
 
     def encode(
         self,

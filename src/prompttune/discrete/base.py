@@ -1,0 +1,272 @@
+"""The discrete-prompt contract: what an optimiser searches (`Candidate`), what it gets back (`Scored`), who scores
+(`Objective`), and the optimiser interface (`DiscreteOptimizer`) that `loop.search` drives.
+
+CONTRACT READY
+
+An optimiser is one small file: a config dataclass (attribute docstrings: they become CLI/YAML/Python options) and a
+`DiscreteOptimizer` subclass registered with `@register_optimizer("name")`. Two styles fit:
+
+- population search (random, PromptQuine, OPRO): implement `ask()` (candidates to score next) and `tell(scored)`;
+  the base `step()` scores `ask()` on the objective's examples and calls `tell`.
+- learning search (RLPrompt, policy gradients, directional stimulus): override `step(objective)`; score whatever
+  candidates on whatever examples (e.g. a sampled minibatch) and return the `Scored` results worth keeping as
+  candidates for the final selection on dev.
+
+The loop owns everything else: the budget (every LLM call is charged by the backend; `BudgetExhausted` ends the
+search and keeps what was scored), the JSONL log, the JSON checkpoint after every step (`state_dict()` must be
+JSON-able: lists, dicts, numbers, strings; large tensors go through `tensors()` into safetensors; never pickle),
+resume, best-on-dev selection and the artifact.
+Optimisers must draw randomness only from generators they seed from `ctx.seed` and save in `state_dict()`, so a
+resumed search equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor
+
+from ..data.templates import Template
+from ..llm.base import Budget, LLMBackend
+from ..types import Example
+
+
+def example_key(example: Example) -> str:
+    """A stable id of an example's content (independent of file, order and process)."""
+    blob = json.dumps(example.fields, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A discrete prompt: `text` fills the template's `{prompt}`.
+
+    `hints` are optional per-example parts (instance-specific hints, retrieved demonstrations), keyed by
+    `example_key`: for that example, a `{hint}` inside `text` is replaced by the hint, or the hint is appended to
+    `text` when there is no `{hint}`. Examples without a hint get `text` with `{hint}` removed.
+    """
+
+    text: str
+    hints: tuple[tuple[str, str], ...] = ()  # sorted (example key, hint) pairs: hashable and order-free
+
+    @staticmethod
+    def with_hints(text: str, hints: dict[str, str]) -> Candidate:
+        return Candidate(text, tuple(sorted(hints.items())))
+
+    def render(self, key: str) -> str:
+        """The text that fills `{prompt}` for the example with `example_key` == key."""
+        hint = dict(self.hints).get(key, "") if self.hints else ""
+        if "{hint}" in self.text:
+            return self.text.replace("{hint}", hint)
+        return self.text + hint
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"text": self.text}
+        if self.hints:
+            out["hints"] = dict(self.hints)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Candidate:
+        return cls.with_hints(raw["text"], raw.get("hints", {}))
+
+
+@dataclass
+class Scored:
+    """A candidate with its scores on a set of examples.
+
+    Attributes:
+        score: the task's primary metric (accuracy for single-label classification) on those examples.
+        loglik: mean over examples of log p(gold class) after normalising over the classes; a smooth tie-breaker
+            (accuracy on 16-32 examples ties often) and the natural reward.
+        logprobs: (N, C) class log-probabilities as the verbalizer defines them (log of the mean probability of the
+            class's label words under the full vocabulary), rows in `keys` order; RL rewards are computed from it.
+        gold: (N,) gold class indices.
+        keys: `example_key` of each row.
+        metrics: every metric the evaluator returns (`primary_metric` included).
+    """
+
+    candidate: Candidate
+    score: float
+    loglik: float
+    logprobs: Tensor
+    gold: Tensor
+    keys: tuple[str, ...]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> tuple[float, float]:
+        """Sort key: higher is better."""
+        return (self.score, self.loglik)
+
+    def to_dict(self, with_logprobs: bool = False) -> dict[str, Any]:
+        out = {
+            "candidate": self.candidate.to_dict(),
+            "score": self.score,
+            "loglik": self.loglik,
+            "metrics": self.metrics,
+            "n": len(self.keys),
+        }
+        if with_logprobs:
+            out.update(logprobs=self.logprobs.tolist(), gold=self.gold.tolist(), keys=list(self.keys))
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Scored:
+        logprobs = torch.tensor(raw.get("logprobs", []), dtype=torch.float32)
+        gold = torch.tensor(raw.get("gold", []), dtype=torch.long)
+        keys = tuple(raw.get("keys", ()))
+        return cls(
+            Candidate.from_dict(raw["candidate"]),
+            raw["score"],
+            raw["loglik"],
+            logprobs,
+            gold,
+            keys,
+            raw.get("metrics", {}),
+        )
+
+
+class Objective(Protocol):
+    """Scores candidates on examples through an LLM backend (batched; each (prompt text) is scored once).
+
+    `examples` is the default set (the training examples, or the `p1` subset); `budget` is shared with the backend
+    and with any proposer LLM, and counts every call.
+    """
+
+    examples: list[Example]
+    labels: list[str]
+    budget: Budget
+
+    def score(self, candidates: Sequence[Candidate], examples: Sequence[Example] | None = None) -> list[Scored]:
+        """Score each candidate on `examples` (default: `self.examples`).
+
+        Raises:
+            BudgetExhausted: with `partial` holding the candidates fully scored before the budget ran out.
+        """
+        ...
+
+
+@dataclass
+class SearchContext:
+    """Everything an optimiser may read. It must not score through `backend` directly (use the objective, which
+    caches and keeps the metric consistent); it may `generate` with `proposer` (OPRO) and `backend`.
+
+    Attributes:
+        train: training examples (labelled); optimisers may also use them as demonstrations.
+        dev: dev examples, used by the loop only for the final selection (optimisers should not peek).
+        labels: ordered class labels; `Scored.logprobs` columns follow this order.
+        words: label -> verbalizer words.
+        template: the task template (with `{prompt}`); `template.render_text(example, prompt)` is what the LLM reads.
+        backend: the task LLM.
+        proposer: the LLM that writes new prompts (OPRO); the task LLM unless another was configured.
+        seed: the search seed.
+        vocabulary: strings token-level optimisers sample from (tokenizer pieces, or words of the training texts).
+    """
+
+    train: list[Example]
+    dev: list[Example]
+    labels: list[str]
+    words: dict[str, list[str]]
+    template: Template
+    backend: LLMBackend
+    proposer: LLMBackend
+    seed: int
+    vocabulary: list[str]
+
+    def pieces(self, text: str) -> list[str]:
+        """`text` as the task model's tokens (or words for black-box backends); "".join gives `text` back."""
+        return self.backend.pieces(text)
+
+    def label_of(self, example: Example) -> int:
+        return self.labels.index(str(example.label))
+
+    def demonstration(self, example: Example, label: str | None = None) -> str:
+        """`example` rendered with the template and its label word: one in-context demonstration."""
+        label = str(example.label) if label is None else label
+        return self.template.render_text(example, "") + self.words[label][0]
+
+
+class DiscreteOptimizer:
+    """Base class of every discrete optimiser (see the module docstring)."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+
+    def __init__(self, config: Any, ctx: SearchContext):
+        self.config = config
+        self.ctx = ctx
+        self.rng = random.Random(ctx.seed)
+
+    def ask(self) -> list[Candidate]:
+        """Candidates to score next on the objective's examples."""
+        raise NotImplementedError
+
+    def tell(self, scored: list[Scored]) -> None:
+        """Receive the scores of the last `ask()` (same order)."""
+
+    def step(self, objective: Objective) -> list[Scored]:
+        """One step; returns the scored candidates the loop should consider for the final selection."""
+        scored = objective.score(self.ask())
+        self.tell(scored)
+        return scored
+
+    @property
+    def done(self) -> bool:
+        """True when the optimiser has nothing left to try (the loop also stops at the budget or `max_steps`)."""
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state; the base saves the `random.Random` state. Subclasses extend the dict."""
+        return {"rng": rng_state(self.rng)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(self.rng, state["rng"])
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Large state (policy weights, Adam moments) that the checkpoint keeps in a safetensors file next to the
+        JSON (same step); `load_tensors` receives it back on resume."""
+        return {}
+
+    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Restore what `tensors()` returned."""
+
+    def export(self, best: Candidate) -> dict[str, Any]:
+        """Extra JSON-able data the artifact's `prompt.json` keeps under `extra` (e.g. pseudo-labelled demos)."""
+        return {}
+
+    def export_tensors(self, best: Candidate) -> dict[str, Tensor]:
+        """Tensors the artifact keeps as `optimizer.safetensors` (e.g. a hint policy needed at prediction time)."""
+        return {}
+
+    @classmethod
+    def hints_for(
+        cls, extra: dict[str, Any], examples: Sequence[Example], backend: LLMBackend, artifact_dir: str
+    ) -> list[str] | None:
+        """Per-example hints for new inputs at prediction time (directional stimulus); None = no hints."""
+        return None
+
+
+def rng_state(rng: random.Random) -> list[Any]:
+    """`random.Random` state as JSON (a nested tuple of ints)."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(rng: random.Random, state: list[Any]) -> None:
+    rng.setstate((state[0], tuple(state[1]), state[2]))
+
+
+def torch_rng_state(gen: torch.Generator) -> list[int]:
+    """A torch.Generator's state as a JSON list of byte values."""
+    return gen.get_state().tolist()
+
+
+def set_torch_rng_state(gen: torch.Generator, state: list[int]) -> None:
+    gen.set_state(torch.tensor(state, dtype=torch.uint8))

@@ -1,0 +1,379 @@
+"""`search()`: the one loop for every discrete optimiser.
+
+    score the manual prompt (empty `{prompt}`) -> [p1: keep the training examples whose reward varies most]
+    -> repeat optimizer.step(objective) until the budget, max_steps or the optimiser is done
+       (JSONL log and atomic JSON checkpoint after every step)
+    -> re-score the best candidates (by training score) and the manual prompt on dev, keep the best on dev
+    -> score the test set once -> write the artifact
+
+The budget counts LLM calls (one prompt scored or one text generated) and, optionally, tokens, for the task model and
+the proposer alike; dev selection is paid from it too (its calls are held back from the search phase). Running out
+ends the search cleanly: everything scored so far stays a candidate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..config import TaskConfig, build_section
+from ..data.templates import Template
+from ..errors import PromptTuneError
+from ..llm.base import BudgetExhausted, LLMBackend
+from ..registry import OPTIMIZERS, lookup
+from ..types import Example
+from . import p1 as p1_subset
+from .base import Candidate, DiscreteOptimizer, Scored, SearchContext
+from .objective import LLMObjective
+
+CHECKPOINT = "checkpoint.json"
+TENSORS = "checkpoint.safetensors"
+LOG = "search.jsonl"
+_MUST_MATCH = ("optimizer", "optimizer_config", "budget", "max_tokens", "seed", "select_top", "p1", "p1_probes")
+
+
+@dataclass
+class SearchConfig:
+    """The search loop's settings (every discrete optimiser uses the same loop)."""
+
+    optimizer: str = "random"
+    """Registered discrete optimiser (see `prompttune search --help`)."""
+    optimizer_config: dict[str, Any] = field(default_factory=dict)
+    """Fields of the optimiser's own config dataclass."""
+    budget: int = 1000
+    """Most LLM calls in total (one prompt scored or one text generated = one call), dev selection included
+    (0 = unlimited; then `max_steps` must stop the search)."""
+    max_tokens: int = 0
+    """Most tokens (prompt + generated) in total, 0 = unlimited."""
+    max_steps: int = 0
+    """Most optimiser steps, 0 = until the budget is spent or the optimiser is done."""
+    seed: int = 13
+    """Seed of every random choice; the same seed gives the same result with the local backends."""
+    select_top: int = 4
+    """How many of the best candidates (by training score) are re-scored on dev; the manual prompt always is."""
+    p1: int = 0
+    """p1 ("p1: Better Prompt Optimization with Fewer Prompts"): optimise on only this many training examples,
+    those whose reward varies most across probe prompts (0 = off: use every training example)."""
+    p1_probes: int = 8
+    """p1: probe prompts used to measure each example's reward variance."""
+    checkpoint: bool = True
+    """Write a resumable checkpoint after every step."""
+
+    def __post_init__(self) -> None:
+        for name in ("budget", "max_tokens", "max_steps", "select_top", "p1"):
+            if getattr(self, name) < 0:
+                raise PromptTuneError(
+                    f"config field {name!r}: expected a non-negative integer, got {getattr(self, name)!r}"
+                )
+        if self.p1_probes < 2:
+            raise PromptTuneError(f"config field 'p1_probes': expected at least 2, got {self.p1_probes!r}")
+        if not self.budget and not self.max_steps:
+            raise PromptTuneError("config fields 'budget' and 'max_steps' are both 0: the search would never stop")
+
+
+@dataclass
+class SearchResult:
+    best: Candidate
+    dev: dict[str, Any] | None
+    test: dict[str, Any] | None
+    train: dict[str, Any]
+    steps: int
+    calls: int  # LLM calls during the search and dev selection (the budgeted ones)
+    tokens: int
+    seconds: float
+    stopped: str  # "budget", "max_steps" or "done"
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # dev-scored finalists, best first
+    out: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["best"] = self.best.to_dict()
+        return out
+
+
+def build_optimizer(config: SearchConfig, ctx: SearchContext) -> DiscreteOptimizer:
+    cls = lookup(OPTIMIZERS, config.optimizer, "optimizer")
+    opt_cfg = build_section(cls.config_cls, config.optimizer_config, f"optimizer {config.optimizer}")
+    return cls(opt_cfg, ctx)
+
+
+def make_context(
+    task: TaskConfig,
+    backend: LLMBackend,
+    train: Sequence[Example],
+    dev: Sequence[Example],
+    seed: int,
+    proposer: LLMBackend | None = None,
+) -> tuple[SearchContext, LLMObjective]:
+    """The optimiser's view of the task and the objective scoring on the training examples."""
+    if task.head != "verbalizer" or not task.verbalizer:
+        raise PromptTuneError("discrete search scores label words: give a verbalizer, e.g. '0= negative,1= positive'")
+    words = task.verbalizer
+    labels = list(words)
+    template = Template(task.template)
+    objective = LLMObjective(backend, template, labels, words, train)
+    vocabulary = backend.vocabulary() or _words_of(train)
+    ctx = SearchContext(list(train), list(dev), labels, words, template, backend, proposer or backend, seed, vocabulary)
+    return ctx, objective
+
+
+def search(
+    config: SearchConfig,
+    task: TaskConfig,
+    backend: LLMBackend,
+    train: Sequence[Example],
+    dev: Sequence[Example] | None = None,
+    test: Sequence[Example] | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    quiet: bool = True,
+    proposer: LLMBackend | None = None,
+    run_config: dict[str, Any] | None = None,
+) -> SearchResult:
+    """Search a discrete prompt; see the module docstring.
+
+    Raises:
+        PromptTuneError: empty training data, a template without `{prompt}`, a budget too small for dev selection,
+            `resume` without a checkpoint or with other settings.
+    """
+    if not train:
+        raise PromptTuneError("training data is empty")
+    dev = list(dev or [])
+    out = Path(out) if out else None
+    tic = time.perf_counter()
+    ctx, objective = make_context(task, backend, train, dev, config.seed, proposer)
+    budget = backend.budget
+    if proposer is not None and proposer.budget is not budget:
+        proposer.budget = budget  # one budget for every LLM the search calls
+    budget.max_calls, budget.max_tokens = config.budget, config.max_tokens
+    reserve = (config.select_top + 1) * len(dev)
+    if config.budget and reserve >= config.budget:
+        raise PromptTuneError(
+            f"config field 'budget': {config.budget} LLM calls cannot pay for dev selection ({config.select_top + 1} "
+            f"candidates x {len(dev)} dev examples = {reserve} calls) and leave any for the search; raise it"
+        )
+    budget.held_back = reserve
+    optimizer = build_optimizer(config, ctx)
+    state: dict[str, Any] = {"step": 0, "history": {}, "stopped": None, "seconds": 0.0, "p1": None}
+    if resume:
+        state = _load_checkpoint(out, config, optimizer, objective)
+        if state["p1"] is not None:
+            objective.examples = p1_subset.restrict(train, state["p1"])
+    else:
+        try:
+            _remember(state, objective.score([Candidate("")]), 0)  # the manual prompt is a candidate from the start
+            if config.p1:
+                chosen = p1_subset.select(objective, optimizer, ctx, config.p1, config.p1_probes, config.seed)
+                state["p1"] = [ex_key for ex_key in chosen]
+                objective.examples = p1_subset.restrict(train, state["p1"])
+        except BudgetExhausted as err:
+            raise PromptTuneError(f"the budget does not cover the first scoring of the manual prompt: {err}") from None
+        _checkpoint(out, config, optimizer, objective, state, tic)
+    bar = tqdm(total=config.max_steps or None, initial=state["step"], disable=quiet, desc="search", dynamic_ncols=True)
+    while state["stopped"] is None:
+        if optimizer.done:
+            state["stopped"] = "done"
+            break
+        if config.max_steps and state["step"] >= config.max_steps:
+            state["stopped"] = "max_steps"
+            break
+        try:
+            scored = optimizer.step(objective)
+        except BudgetExhausted as err:
+            _remember(state, err.partial, state["step"] + 1)
+            state["stopped"] = "budget"
+            _log(out, state, {"step": state["step"] + 1, "stopped": str(err), **budget.state_dict()})
+            break
+        state["step"] += 1
+        _remember(state, scored, state["step"])
+        best = _best(state)
+        entry = {"step": state["step"], "scored": len(scored), "best_train": best["score"], **budget.state_dict()}
+        entry["best_candidate"] = best["candidate"]["text"][:200]
+        _log(out, state, entry)
+        _checkpoint(out, config, optimizer, objective, state, tic)
+        bar.update(1)
+        bar.set_postfix(calls=budget.calls, best_train=f"{best['score']:.3f}")
+    bar.close()
+    _checkpoint(out, config, optimizer, objective, state, tic)
+    return _finish(config, task, backend, optimizer, objective, state, dev, test, out, tic, run_config)
+
+
+def _finish(
+    config: SearchConfig,
+    task: TaskConfig,
+    backend: LLMBackend,
+    optimizer: DiscreteOptimizer,
+    objective: LLMObjective,
+    state: dict[str, Any],
+    dev: list[Example],
+    test: Sequence[Example] | None,
+    out: Path | None,
+    tic: float,
+    run_config: dict[str, Any] | None,
+) -> SearchResult:
+    """Best-on-dev selection, one test evaluation, the artifact."""
+    budget = backend.budget
+    budget.held_back = 0
+    ranked = sorted(state["history"].values(), key=lambda h: (-h["score"], -h["loglik"], h["step"]))
+    finalists = [Candidate.from_dict(h["candidate"]) for h in ranked[: config.select_top]]
+    if Candidate("") not in finalists:
+        finalists.append(Candidate(""))
+    train_of = {json.dumps(h["candidate"], sort_keys=True): h for h in ranked}
+    if dev:
+        scored = objective.score(finalists, dev)
+        # Ties on dev go to the better training score (finalists are in that order).
+        order = sorted(range(len(scored)), key=lambda i: (-scored[i].score, -scored[i].loglik, i))
+        finals = [scored[i] for i in order]
+    else:
+        finals = [_as_scored(train_of[json.dumps(c.to_dict(), sort_keys=True)]) for c in finalists]
+    best = finals[0]
+    calls, tokens = budget.calls, budget.tokens
+    budget.max_calls = budget.max_tokens = 0  # the test set is scored once, outside the search budget
+    test_metrics = objective.score([best.candidate], test)[0].metrics if test else None
+    train_entry = train_of.get(json.dumps(best.candidate.to_dict(), sort_keys=True), {})
+    seconds = state["seconds"] + (time.perf_counter() - tic)
+    result = SearchResult(
+        best=best.candidate,
+        dev=best.metrics if dev else None,
+        test=test_metrics,
+        train=train_entry.get("metrics", {}),
+        steps=state["step"],
+        calls=calls,
+        tokens=tokens,
+        seconds=round(seconds, 3),
+        stopped=state["stopped"] or "done",
+        candidates=[
+            {
+                **f.candidate.to_dict(),
+                "dev": f.metrics if dev else None,
+                "train": train_of.get(json.dumps(f.candidate.to_dict(), sort_keys=True), {}).get("score"),
+            }
+            for f in finals
+        ],
+        out=str(out) if out else None,
+    )
+    if out is not None:
+        from .artifact import write_artifact
+
+        write_artifact(out, result, config, task, backend, optimizer, objective.labels, run_config)
+    return result
+
+
+# ---- state -----------------------------------------------------------------------------------------------------------
+def _remember(state: dict[str, Any], scored: Sequence[Scored], step: int) -> None:
+    """Keep every scored candidate (the one scored on most examples, then the latest, per distinct candidate)."""
+    for s in scored:
+        key = json.dumps(s.candidate.to_dict(), sort_keys=True)
+        old = state["history"].get(key)
+        if old is None or len(s.keys) >= old["n"]:
+            state["history"][key] = {**s.to_dict(), "step": step}
+
+
+def _best(state: dict[str, Any]) -> dict[str, Any]:
+    return max(state["history"].values(), key=lambda h: (h["score"], h["loglik"], -h["step"]))
+
+
+def _as_scored(entry: dict[str, Any]) -> Scored:
+    return Scored.from_dict(entry)
+
+
+def _log(out: Path | None, state: dict[str, Any], entry: dict[str, Any]) -> None:
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOG, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def _checkpoint(
+    out: Path | None,
+    config: SearchConfig,
+    optimizer: DiscreteOptimizer,
+    objective: LLMObjective,
+    state: dict[str, Any],
+    tic: float,
+) -> None:
+    """checkpoint.json (+ checkpoint.safetensors for optimiser tensors), each written to a temp file and renamed."""
+    if out is None or not config.checkpoint:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = optimizer.tensors()
+    if tensors:
+        tmp = out / f"{TENSORS}.tmp{os.getpid()}"
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            str(tmp),
+            metadata={"step": str(state["step"])},
+        )
+        os.replace(tmp, out / TENSORS)
+    payload = {
+        "config": asdict(config),
+        "state": {**state, "seconds": state["seconds"] + (time.perf_counter() - tic)},
+        "optimizer": optimizer.state_dict(),
+        "objective": objective.state_dict(),
+        "budget": objective.budget.state_dict(),
+        "has_tensors": bool(tensors),
+    }
+    tmp = out / f"{CHECKPOINT}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, out / CHECKPOINT)
+
+
+def _load_checkpoint(
+    out: Path | None, config: SearchConfig, optimizer: DiscreteOptimizer, objective: LLMObjective
+) -> dict[str, Any]:
+    if out is None or not (out / CHECKPOINT).is_file():
+        raise PromptTuneError(f"{out}/{CHECKPOINT}: no checkpoint to resume from")
+    path = out / CHECKPOINT
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise PromptTuneError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    saved = payload["config"]
+    for key in _MUST_MATCH:
+        if saved.get(key) != asdict(config)[key]:
+            raise PromptTuneError(
+                f"{path}: checkpoint was made with {key}={saved.get(key)!r}, this run has {asdict(config)[key]!r}; "
+                "resume with the same settings"
+            )
+    state = payload["state"]
+    if payload.get("has_tensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(out / TENSORS), "pt") as f:
+            step = int(f.metadata().get("step", -1))
+        if step != state["step"]:
+            raise PromptTuneError(f"{out / TENSORS}: holds step {step}, {path} step {state['step']}; cannot resume")
+        optimizer.load_tensors(load_file(str(out / TENSORS)))
+    optimizer.load_state_dict(payload["optimizer"])
+    objective.load_state_dict(payload["objective"])
+    objective.budget.load_state_dict(payload["budget"])
+    # Truncate the log to the checkpointed step, so a killed run's extra lines are not duplicated.
+    log = out / LOG
+    if log.is_file():
+        lines = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= state["step"]]
+        log.write_text("".join(ln + "\n" for ln in lines))
+    return state
+
+
+def _words_of(examples: Sequence[Example]) -> list[str]:
+    """Black-box backends have no tokenizer to offer: sample from the words of the training texts instead."""
+    seen: dict[str, None] = {}
+    for ex in examples:
+        for value in ex.fields.values():
+            for word in value.split():
+                seen.setdefault(" " + word, None)
+    return list(seen)
+
+
+def config_fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]

@@ -1,0 +1,123 @@
+"""A local transformers model as a text-in/text-out backend (white box: exact label-word log-probs).
+
+Scoring reuses the soft-prompt path unchanged: the prompt text becomes an example of the template `{text}{answer}`,
+the manual method adds nothing, and the verbalizer head scores every token of multi-token words (one row per word,
+teacher-forced), reading logits only at the answer positions. So a discrete prompt scored here gives exactly the
+number `prompttune eval` gives for the same text with the soft machinery.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..backbones.causal_lm import _returned_cache
+from ..data.templates import Template, special_affixes
+from ..heads.verbalizer import VerbalizerHead
+from ..methods.manual import Manual, ManualConfig
+from ..model import PromptModel
+from ..types import Example
+from .base import BackendConfig, Budget, LLMBackend
+
+_RAW = Template("{text}{answer}")  # the backend receives finished prompt texts
+
+
+class HFBackend(LLMBackend):
+    """Args:
+    config: `config.model` is an embedded name, `tiny-*`, HF id or local path (see `prompttune models`).
+    backbone: an already loaded `Backbone` to reuse (tests, the API sharing one model).
+    """
+
+    kind = "hf"
+
+    def __init__(self, config: BackendConfig, budget: Budget | None = None, backbone: Any = None, device: str = "cpu"):
+        super().__init__(config, budget)
+        if backbone is None:
+            from ..backbones.base import load_backbone
+
+            backbone = load_backbone(config.model, device)
+        self.backbone = backbone
+        self.tokenizer = backbone.tokenizer
+        self._models: dict[tuple[str, ...], PromptModel] = {}
+        # transformers >= 5.2x renamed `past_key_values` to `cache`; accept both spellings.
+        params = inspect.signature(backbone.model.forward).parameters
+        self._cache_key = "cache" if "cache" in params else "past_key_values"
+
+    def _model(self, words: Sequence[str]) -> PromptModel:
+        key = tuple(words)
+        if key not in self._models:
+            labels = [str(i) for i in range(len(words))]
+            head = VerbalizerHead(labels, "causal_lm", {str(i): [w] for i, w in enumerate(words)}, self.tokenizer)
+            method = Manual(ManualConfig(), self.backbone.spec)
+            self._models[key] = PromptModel(self.backbone, method, head, _RAW).to(self.backbone.device)
+        return self._models[key]
+
+    def _label_logprobs(self, prompts: list[str], words: list[str]) -> Tensor:
+        model = self._model(words)
+        examples = [Example({"text": p}, source=f"<prompt {i}>") for i, p in enumerate(prompts)]
+        scores = model.scores(examples, self.config.batch_size)  # (N, W): log P(word | prompt), full-vocab softmax
+        tokens = sum(len(self.tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts)
+        self._charged(len(prompts), tokens, "score")
+        return scores
+
+    @torch.no_grad()
+    def _generate(
+        self, prompts: list[str], max_new_tokens: int, temperature: float, seed: int, chat: bool
+    ) -> list[str]:
+        out = []
+        eos = self.tokenizer.eos_token_id
+        tokens = 0
+        for i, prompt in enumerate(prompts):
+            text = self._chat(prompt) if chat else prompt
+            head, _ = special_affixes(self.tokenizer)
+            ids = list(head) + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = ids[-(self.backbone.spec.max_positions - max_new_tokens) :]
+            x = torch.tensor([ids], device=self.backbone.device)  # (1, T)
+            # One prompt at a time and a generator seeded per prompt: a text never depends on its batch neighbours.
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+            new: list[int] = []
+            past = None
+            for _ in range(max_new_tokens):
+                model_out = self.backbone.model(
+                    input_ids=x, use_cache=True, logits_to_keep=1, **{self._cache_key: past}
+                )
+                past = _returned_cache(model_out)
+                logits = model_out.logits[0, -1].float()  # (V,)
+                if temperature > 0:
+                    probs = torch.softmax(logits / temperature, -1).cpu()
+                    token = int(torch.multinomial(probs, 1, generator=gen))
+                else:
+                    token = int(logits.argmax())
+                if token == eos:
+                    break
+                new.append(token)
+                x = torch.tensor([[token]], device=self.backbone.device)  # (1, 1)
+            tokens += len(ids) + len(new)
+            out.append(self.tokenizer.decode(new, skip_special_tokens=True))
+        self._charged(len(prompts), tokens, "generate")
+        return out
+
+    def _chat(self, prompt: str) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": prompt}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return prompt
+
+    def pieces(self, text: str) -> list[str]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def vocabulary(self) -> list[str]:
+        vocab = getattr(self, "_vocab", None)
+        if vocab is None:
+            special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+            size = len(self.tokenizer)
+            pieces = (self.tokenizer.decode([i]) for i in range(size) if i not in special)
+            # Byte fragments decode to U+FFFD and control pieces are unprintable: neither is a usable prompt piece.
+            vocab = [p for p in pieces if p.strip() and p.isprintable() and "\ufffd" not in p]
+            self._vocab = vocab
+        return vocab
