@@ -14,7 +14,7 @@ import yaml
 from . import __version__, artifacts
 from .backbones.base import Backbone, load_backbone
 from .config import DataConfig, RunConfig, TaskConfig, TrainConfig, build_section
-from .data.examples import find_split, load_examples
+from .data.examples import detect_label_columns, find_split, load_examples
 from .data.templates import Template
 from .errors import PromptTuneError
 from .evaluation import evaluate
@@ -65,6 +65,8 @@ def resolve_labels(task: TaskConfig, train: Sequence[Example] | None) -> list[st
         return [str(label) for label in task.labels]
     if task.verbalizer:
         return list(task.verbalizer)
+    if task.label_columns and task.label_columns != ["all"]:
+        return list(task.label_columns)
     if train:
         seen = {v for ex in train for v in (ex.label if isinstance(ex.label, tuple) else (ex.label,))}
         return sorted(seen, key=lambda v: (len(v), v))
@@ -132,7 +134,8 @@ class PromptTuner:
         fields = list(dict.fromkeys(self.model.template.fields)) if self.model else []
         if isinstance(data, (list, tuple)) and len(fields) == 1:  # a plain string fills the template's only field
             data = [{fields[0]: d} if isinstance(d, str) else d for d in data]
-        return load_examples(data, self.config.task.label_field, require_label)
+        task = self.config.task
+        return load_examples(data, task.label_field, require_label, task.label_columns)
 
     def fit(
         self,
@@ -152,6 +155,9 @@ class PromptTuner:
             dev = cfg.data.dev
         if dev is None and isinstance(train, (str, Path)) and Path(train).is_dir():
             dev = find_split(train, "dev")
+        if cfg.task.label_columns == ["all"]:
+            # Fix the columns on the training data: every split, and the saved run.yaml, then use the same label set.
+            cfg.task.label_columns = detect_label_columns(train)
         train_ex, dev_ex = self._examples(train), self._examples(dev)
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg, self.backbone, resolve_labels(cfg.task, train_ex))
@@ -184,8 +190,8 @@ class PromptTuner:
         """Labels for raw texts (or dicts of fields)."""
         model = self._require_model()
         examples = self._examples(list(texts), require_label=False)
-        if not model.head.is_classifier:
-            return model.generate(examples, batch_size or 16)
+        if not model.head.is_classifier:  # text heads: the generation, or the labels it names
+            return [model.head.parse(text) for text in model.generate(examples, batch_size or 16)]
         return model.head.decide(model.scores(examples, batch_size or self.config.train.eval_batch_size))
 
     def predict_scores(self, texts: Sequence[str | dict[str, str]]) -> torch.Tensor:

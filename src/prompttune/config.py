@@ -37,11 +37,16 @@ class TaskConfig:
     labels: list[str] | None = None
     """Label set for the classifier head (default: the verbalizer's keys, else the labels seen in training data)."""
     multi_label: bool = False
-    """Classifier head only: several labels per example (sigmoid + BCE, threshold chosen on dev)."""
+    """Several labels per example: the classifier head uses sigmoid + BCE with a threshold chosen on dev, the
+    label_generation head generates a list of labels."""
     pooling: str = "answer"
     """Classifier head: read the hidden state at the answer position (`answer`) or average the tokens (`mean`)."""
     label_field: str | None = None
-    """Data column holding the label (default: label/labels/target/answer, whichever exists)."""
+    """Data column holding the label (default: label/labels/target/answer, whichever exists); a list value (JSON
+    list) gives several labels."""
+    label_columns: list[str] | None = None
+    """Multi-label data as one 0/1 column per label: the column names (they become the label set, in this order),
+    or `all` for every column whose values are all 0/1 in the training data; the other columns are text fields."""
     max_length: int | None = None
     """Longest prompt in tokens (default: the backbone's context)."""
     truncate: bool = False
@@ -60,9 +65,9 @@ class TaskConfig:
             self.template,
         )
         _check(
-            self.head in ("verbalizer", "classifier", "generation"),
+            self.head in ("verbalizer", "classifier", "generation", "label_generation"),
             "head",
-            "verbalizer, classifier or generation",
+            "verbalizer, classifier, generation or label_generation",
             self.head,
         )
         _check(self.pooling in ("answer", "mean"), "pooling", "answer or mean", self.pooling)
@@ -71,6 +76,14 @@ class TaskConfig:
             "calibrate",
             "none, content_free or auto",
             self.calibrate,
+        )
+        if isinstance(self.label_columns, str):  # YAML `label_columns: all` or `a,b`
+            self.label_columns = [c.strip() for c in self.label_columns.split(",") if c.strip()]
+        _check(
+            self.label_columns is None or (len(self.label_columns) > 0 and not self.label_field),
+            "label_columns",
+            "a non-empty list of 0/1 columns (or `all`), and no label_field next to it",
+            self.label_columns,
         )
         if self.verbalizer is not None:
             self.verbalizer = parse_verbalizer(self.verbalizer)

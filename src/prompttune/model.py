@@ -152,9 +152,11 @@ class PromptModel(nn.Module):
         cached, self.cache_prefix = self.cache_prefix, False
         try:
             for idx, batch in self.batches(examples, batch_size):
-                ids = self.backbone.generate(self.inputs(batch), self.method.apply, limit, stops)
+                ids = self.backbone.generate(
+                    self.inputs(batch), self.method.apply, limit, stops, constrain=self.head.constrain
+                )
                 for i, seq in zip(idx, ids, strict=True):
-                    out[i] = self.backbone.tokenizer.decode(seq, skip_special_tokens=True)
+                    out[i] = self.head.decode(seq, self.backbone.tokenizer)
         finally:
             self.cache_prefix = cached
         return out

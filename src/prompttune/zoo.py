@@ -181,6 +181,22 @@ def _embedded_gguf(entry: _Embedded, package: Path) -> Path:
     return _assembled_gguf(entry) if entry.assembled else package / entry.gguf
 
 
+def gguf_file(name: str) -> Path:
+    """The GGUF file of an embedded model, for runtimes that read GGUF directly (llama.cpp).
+
+    Raises:
+        PromptTuneError: not an embedded GGUF model, or its package is not installed.
+    """
+    entry = EMBEDDED.get(name)
+    if entry is None or entry.gguf is None:
+        ggufs = [m.name for m in _MODELS if m.gguf]
+        raise PromptTuneError(f"model {name!r}: expected a .gguf file or an embedded GGUF model ({', '.join(ggufs)})")
+    package = _package_dir(entry.module)
+    if package is None:
+        raise PromptTuneError(f"model {entry.name!r} needs the pip package {entry.dist!r}: {entry.install_hint}")
+    return _embedded_gguf(entry, package)
+
+
 def _resolve_embedded(entry: _Embedded) -> ModelRef:
     package = _package_dir(entry.module)
     if package is None:

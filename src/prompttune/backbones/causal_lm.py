@@ -77,6 +77,7 @@ class CausalLM(Backbone):
         prepare: Callable[[PromptInputs], PromptInputs],
         max_new_tokens: int,
         stop_ids: Sequence[int],
+        constrain: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> list[list[int]]:
         """Greedy decoding of a left-padded batch with a KV cache.
 
@@ -85,6 +86,8 @@ class CausalLM(Backbone):
             prepare: the method's `apply`; called on the prompt and on each decoding step (`decoding=True`).
             max_new_tokens: most tokens generated per row.
             stop_ids: ids that end a row (EOS).
+            constrain: optional `(generated (B, t), logits (B, V)) -> logits (B, V)` applied before each argmax, e.g.
+                to allow only the tokens a grammar permits; it must treat each row on its own (batch invariance).
         Returns:
             generated ids per row, without the stop token.
         """
@@ -100,8 +103,13 @@ class CausalLM(Backbone):
         done = torch.zeros(B, dtype=torch.bool, device=mask.device)
         generated: list[list[int]] = [[] for _ in range(B)]
         stops = torch.tensor(list(stop_ids), device=mask.device)
+        history = torch.zeros(B, 0, dtype=torch.long, device=mask.device)  # (B, t) every row's tokens so far
         for _ in range(max_new_tokens):
-            token = self.lm_logits(hidden[:, -1]).argmax(-1)  # (B,)
+            logits = self.lm_logits(hidden[:, -1])  # (B, V)
+            if constrain is not None:
+                logits = constrain(history, logits)  # (B, V) forbidden tokens at -inf
+            token = logits.argmax(-1)  # (B,)
+            history = torch.cat([history, token[:, None]], 1)
             done |= torch.isin(token, stops)
             for b in range(B):
                 if not done[b]:

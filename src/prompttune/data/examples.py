@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,52 @@ def find_split(directory: str | Path, split: str) -> Path | None:
     return None
 
 
-def load_examples(source: Any, label_field: str | None = None, require_label: bool = True) -> list[Example]:
+def load_examples(
+    source: Any,
+    label_field: str | None = None,
+    require_label: bool = True,
+    label_columns: Sequence[str] | None = None,
+) -> list[Example]:
     """Load examples from a path, a directory's train split, a list of dicts/strings, or a `datasets.Dataset`.
 
+    Args:
+        label_field: the column holding the label (a value, or a list of values for multi-label data).
+        label_columns: multi-label data as one 0/1 column per label: the column names, or `["all"]` for every
+            column whose values are all 0/1 (see `detect_label_columns`). The label becomes the tuple of the columns
+            set to 1, in column order; every other column is a text field.
+
     Raises:
-        PromptTuneError: missing or empty file, unknown format, missing label column, malformed row.
+        PromptTuneError: missing or empty file, unknown format, missing label column, malformed row or label value.
     """
     if isinstance(source, (list, tuple)) and all(isinstance(e, Example) for e in source):
         return list(source)
+    records, where, lines = _records(source)
+    if label_columns:
+        return _from_binary_columns(records, where, list(label_columns), require_label, lines)
+    return _from_records(records, where, label_field, require_label, lines=lines)
+
+
+def detect_label_columns(source: Any) -> list[str]:
+    """The columns of `source` whose every value is 0 or 1 (ints, bools, or the strings "0"/"1"), in column order.
+
+    Raises:
+        PromptTuneError: no such column.
+    """
+    records, where, _ = _records(source)
+    return _binary_columns(records, where)
+
+
+def _binary_columns(records: list[Mapping[str, Any]], where: str) -> list[str]:
+    columns = [c for c in records[0] if all(_as_bit(r.get(c, None)) is not None for r in records)]
+    if not columns:
+        raise PromptTuneError(
+            f"{where}: label_columns 'all' found no column of 0/1 values; columns are {list(records[0])}"
+        )
+    return columns
+
+
+def _records(source: Any) -> tuple[list[Mapping[str, Any]], str, list[int] | None]:
+    """Raw records, a name for messages, and the file line of each record (None for in-memory data)."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir():
@@ -40,12 +78,16 @@ def load_examples(source: Any, label_field: str | None = None, require_label: bo
                 raise PromptTuneError(f"{path}: directory holds no train.tsv/.csv/.jsonl")
             path = split
         records, lines = _read_file(path)
-        return _from_records(records, str(path), label_field, require_label, lines=lines)
+        return records, str(path), lines
     if hasattr(source, "to_list"):  # datasets.Dataset
         source = source.to_list()
     if isinstance(source, Iterable):
         records = [{"text": r} if isinstance(r, str) else r for r in source]
-        return _from_records(records, "<data>", label_field, require_label)
+        if not records:
+            raise PromptTuneError("<data>: no examples")
+        if not all(isinstance(r, Mapping) for r in records):
+            raise PromptTuneError("<data>: expected a dict of columns (or a plain string) per example")
+        return records, "<data>", None
     raise PromptTuneError(f"data: expected a file path, directory, list of dicts or Dataset, got {type(source)}")
 
 
@@ -119,22 +161,82 @@ def _from_records(
     for i, rec in enumerate(records):
         line = f"{where}:{lines[i] if lines else i + 1}"
         fields = {k: _as_text(v) for k, v in rec.items() if k != label_col}
-        label = _as_label(rec.get(label_col)) if label_col else None
+        label = _as_label(rec.get(label_col), line, label_col) if label_col else None
         if require_label and label is None:
             raise PromptTuneError(f"{line}: missing value in label column {label_col!r}")
         examples.append(Example(fields=fields, label=label, source=line))
     return examples
 
 
+def _from_binary_columns(
+    records: list[Mapping[str, Any]],
+    where: str,
+    label_columns: list[str],
+    require_label: bool,
+    lines: list[int] | None,
+) -> list[Example]:
+    """Multi-label rows given as one 0/1 column per label."""
+    if label_columns == ["all"]:
+        try:
+            label_columns = _binary_columns(records, where)
+        except PromptTuneError:
+            if require_label:
+                raise
+            label_columns = []  # unlabelled data (prediction inputs): no 0/1 column is fine
+    present = set(records[0])
+    missing = [c for c in label_columns if c not in present]
+    if missing and require_label:
+        raise PromptTuneError(f"{where}: label column(s) {missing} not found; columns are {list(records[0])}")
+    examples = []
+    for i, rec in enumerate(records):
+        line = f"{where}:{lines[i] if lines else i + 1}"
+        fields = {k: _as_text(v) for k, v in rec.items() if k not in label_columns}
+        label: tuple[str, ...] | None = None
+        if require_label or any(c in rec for c in label_columns):  # unlabelled rows may omit every label column
+            label = tuple(c for c in label_columns if _bit(rec, c, line))
+        examples.append(Example(fields=fields, label=label, source=line))
+    return examples
+
+
+def _bit(record: Mapping[str, Any], column: str, line: str) -> bool:
+    if column not in record:
+        raise PromptTuneError(f"{line}: label column {column!r} is missing")
+    bit = _as_bit(record[column])
+    if bit is None:
+        raise PromptTuneError(f"{line}: label column {column!r}: expected 0 or 1, got {record[column]!r}")
+    return bit
+
+
+def _as_bit(value: Any) -> bool | None:
+    """0/1 (int, float, bool or their strings) -> bool; anything else -> None."""
+    if isinstance(value, str):
+        value = value.strip()
+        return {"0": False, "1": True, "0.0": False, "1.0": True}.get(value)
+    if isinstance(value, (bool, int, float)) and value in (0, 1):
+        return bool(value)
+    return None
+
+
 def _as_text(value: Any) -> str:
     return "" if value is None else str(value).replace("\r", "")
 
 
-def _as_label(value: Any) -> str | tuple[str, ...] | None:
+def _as_label(value: Any, line: str = "<data>", column: str | None = None) -> str | tuple[str, ...] | None:
+    """A label value, or a tuple for a list-valued field (a JSON list, or a CSV/TSV cell holding one)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
+    if isinstance(value, str) and value.strip().startswith("[") and value.strip().endswith("]"):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass  # a label that merely looks like a list stays a string
     if isinstance(value, (list, tuple)):
-        return tuple(str(v) for v in value)
+        bad = [v for v in value if not isinstance(v, (str, int, float, bool)) or (isinstance(v, str) and not v.strip())]
+        if bad:
+            raise PromptTuneError(
+                f"{line}: label column {column!r}: expected a list of label names, got the item {bad[0]!r}"
+            )
+        return tuple(dict.fromkeys(str(_as_label(v)) for v in value))  # repeats of a label mean the label once
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value).strip()

@@ -25,7 +25,7 @@ from ..errors import PromptTuneError
 from ..llm.base import BackendConfig, LLMBackend, load_backend
 from ..registry import OPTIMIZERS, lookup
 from ..types import Example
-from .base import Candidate, example_key
+from .base import Candidate
 from .objective import LLMObjective
 
 
@@ -85,7 +85,7 @@ class DiscretePrompt:
         labels: list[str],
         words: dict[str, list[str]],
         backend: LLMBackend,
-        method: str = "manual",
+        method: str,
         extra: dict[str, Any] | None = None,
         path: str = "",
         label_field: str | None = None,
@@ -100,6 +100,10 @@ class DiscretePrompt:
         self.path = path
         self.label_field = label_field
         self.objective = LLMObjective(backend, template, labels, words, [])
+        # Per-example parts (hints, retrieved demonstrations) for new inputs, rebuilt by the optimiser's class.
+        specialize = lookup(OPTIMIZERS, method, "optimizer").specializer(self.extra, backend, path)
+        if specialize is not None:
+            self.objective.specialize = specialize
 
     @classmethod
     def load(cls, path: str | Path, backbone: Any = None, device: str = "cpu", backend: LLMBackend | None = None):
@@ -129,7 +133,7 @@ class DiscretePrompt:
             list(head["labels"]),
             {k: list(v) for k, v in head["words"].items()},
             backend,
-            manifest.get("method", "manual"),
+            str(manifest.get("method")),
             prompt.get("extra", {}),
             str(path),
             label_field,
@@ -140,25 +144,15 @@ class DiscretePrompt:
             data = [{self.template.fields[0]: d} if isinstance(d, str) else d for d in data]
         return load_examples(data, self.label_field, require_label)
 
-    def _candidate(self, examples: list[Example]) -> Candidate:
-        """The prompt, with per-example hints for these inputs when the optimiser writes them (e.g. a hint policy)."""
-        cls = lookup(OPTIMIZERS, self.method, "optimizer")
-        hints = cls.hints_for(self.extra, examples, self.backend, self.path)
-        if hints is None:
-            return self.candidate
-        return Candidate.with_hints(
-            self.candidate.text, {example_key(e): h for e, h in zip(examples, hints, strict=True)}
-        )
-
     def evaluate(self, data: Any, batch_size: int | None = None) -> dict[str, Any]:
         """Metrics on labelled data (what `prompttune eval` prints)."""
         examples = self._examples(data)
-        return self.objective.score([self._candidate(examples)], examples)[0].metrics
+        return self.objective.score([self.candidate], examples)[0].metrics
 
     def predict_scores(self, texts: Any) -> Tensor:
         """Class log-probabilities (N, C)."""
         examples = self._examples(list(texts), require_label=False)
-        return self.objective.score([self._candidate(examples)], examples)[0].logprobs
+        return self.objective.score([self.candidate], examples)[0].logprobs
 
     def predict(self, texts: Any) -> list[str]:
         return [self.labels[i] for i in self.predict_scores(texts).argmax(-1).tolist()]
@@ -166,4 +160,4 @@ class DiscretePrompt:
     def prompt_texts(self, texts: Any) -> list[str]:
         """The full prompts the LLM reads for these inputs."""
         examples = self._examples(list(texts), require_label=False)
-        return self.objective.prompt_texts(self._candidate(examples), examples)
+        return self.objective.prompt_texts(self.candidate, examples)

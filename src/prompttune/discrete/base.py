@@ -12,6 +12,9 @@ An optimiser is one small file: a config dataclass (attribute docstrings: they b
   candidates on whatever examples (e.g. a sampled minibatch) and return the `Scored` results worth keeping as
   candidates for the final selection on dev.
 
+Per-example prompt parts (directional-stimulus hints, retrieved demonstrations) come from `specialize(candidate,
+examples)`, which the objective calls before every scoring; `specializer` rebuilds it from a saved artifact.
+
 The loop owns everything else: the budget (every LLM call is charged by the backend; `BudgetExhausted` ends the
 search and keeps what was scored), the JSONL log, the JSON checkpoint after every step (`state_dict()` must be
 JSON-able: lists, dicts, numbers, strings; large tensors go through `tensors()` into safetensors; never pickle),
@@ -25,8 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -45,19 +48,34 @@ def example_key(example: Example) -> str:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A discrete prompt: `text` fills the template's `{prompt}`.
+    """A discrete prompt. What the LLM reads for an example is `context + template(example, prompt)` where
 
-    `hints` are optional per-example parts (instance-specific hints, retrieved demonstrations), keyed by
-    `example_key`: for that example, a `{hint}` inside `text` is replaced by the hint, or the hint is appended to
-    `text` when there is no `{hint}`. Examples without a hint get `text` with `{hint}` removed.
+    - `text` fills the template's `{prompt}`;
+    - `demos` (in-context demonstrations, shared by every example) is put before the whole rendered template;
+    - `hints` are per-example texts keyed by `example_key` (instance-specific hints): a `{hint}` inside `text` is
+      replaced by the example's hint, or the hint is appended to `text` when there is no `{hint}`;
+    - `example_demos` are per-example demonstrations (retrieved for that input), used instead of `demos`.
+
+    Per-example parts are filled by `DiscreteOptimizer.specialize` just before scoring; candidates kept in the
+    search history and in `prompt.json` carry only the shared parts.
     """
 
     text: str
+    demos: str = ""
     hints: tuple[tuple[str, str], ...] = ()  # sorted (example key, hint) pairs: hashable and order-free
+    example_demos: tuple[tuple[str, str], ...] = ()  # sorted (example key, demonstrations)
 
-    @staticmethod
-    def with_hints(text: str, hints: dict[str, str]) -> Candidate:
-        return Candidate(text, tuple(sorted(hints.items())))
+    def specialized(self, hints: dict[str, str] | None = None, demos: dict[str, str] | None = None) -> Candidate:
+        """A copy with per-example hints and/or demonstrations."""
+        return replace(
+            self,
+            hints=tuple(sorted((hints or {}).items())) or self.hints,
+            example_demos=tuple(sorted((demos or {}).items())) or self.example_demos,
+        )
+
+    def shared(self) -> Candidate:
+        """The candidate without per-example parts."""
+        return Candidate(self.text, self.demos)
 
     def render(self, key: str) -> str:
         """The text that fills `{prompt}` for the example with `example_key` == key."""
@@ -66,15 +84,26 @@ class Candidate:
             return self.text.replace("{hint}", hint)
         return self.text + hint
 
+    def context(self, key: str) -> str:
+        """What goes before the rendered template for that example (demonstrations)."""
+        if self.example_demos:
+            return dict(self.example_demos).get(key, self.demos)
+        return self.demos
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"text": self.text}
+        if self.demos:
+            out["demos"] = self.demos
         if self.hints:
             out["hints"] = dict(self.hints)
+        if self.example_demos:
+            out["example_demos"] = dict(self.example_demos)
         return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Candidate:
-        return cls.with_hints(raw["text"], raw.get("hints", {}))
+        base = cls(raw["text"], raw.get("demos", ""))
+        return base.specialized(raw.get("hints"), raw.get("example_demos"))
 
 
 @dataclass
@@ -245,11 +274,17 @@ class DiscreteOptimizer:
         """Tensors the artifact keeps as `optimizer.safetensors` (e.g. a hint policy needed at prediction time)."""
         return {}
 
+    def specialize(self, candidate: Candidate, examples: Sequence[Example]) -> Candidate:
+        """Fill per-example parts of `candidate` (hints, retrieved demonstrations) for these examples, just before
+        they are scored (training, dev selection, test). Default: the candidate has none."""
+        return candidate
+
     @classmethod
-    def hints_for(
-        cls, extra: dict[str, Any], examples: Sequence[Example], backend: LLMBackend, artifact_dir: str
-    ) -> list[str] | None:
-        """Per-example hints for new inputs at prediction time (directional stimulus); None = no hints."""
+    def specializer(
+        cls, extra: dict[str, Any], backend: LLMBackend, artifact_dir: str
+    ) -> Callable[[Candidate, Sequence[Example]], Candidate] | None:
+        """`specialize` for a saved artifact (prediction on new inputs), built from what `export` and
+        `export_tensors` saved; None when the prompt has no per-example parts."""
         return None
 
 

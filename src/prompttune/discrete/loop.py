@@ -163,6 +163,7 @@ def search(
         )
     budget.held_back = reserve
     optimizer = build_optimizer(config, ctx)
+    objective.specialize = optimizer.specialize
     state: dict[str, Any] = {"step": 0, "history": {}, "stopped": None, "seconds": 0.0, "p1": None}
     if resume:
         state = _load_checkpoint(out, config, optimizer, objective)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -72,10 +72,19 @@ class LLMObjective:
         self.examples = list(examples)
         self.cache: dict[str, list[float]] = {}  # sha1(prompt text) -> (W,) word log-probs
         self.space = _LabelSpace(self.labels)
+        # Fills per-example parts (hints, retrieved demonstrations) before rendering; the loop installs the
+        # optimiser's `specialize`.
+        self.specialize: Callable[[Candidate, Sequence[Example]], Candidate] = lambda c, _: c
 
     # ---- scoring ----------------------------------------------------------------------------------------------------
     def prompt_texts(self, candidate: Candidate, examples: Sequence[Example]) -> list[str]:
-        return [self.template.render_text(ex, candidate.render(example_key(ex))) for ex in examples]
+        """What the LLM reads for each example: demonstrations, then the template with `{prompt}` filled."""
+        candidate = self.specialize(candidate, examples)
+        keys = [example_key(ex) for ex in examples]
+        return [
+            candidate.context(k) + self.template.render_text(ex, candidate.render(k))
+            for ex, k in zip(examples, keys, strict=True)
+        ]
 
     def score(self, candidates: Sequence[Candidate], examples: Sequence[Example] | None = None) -> list[Scored]:
         """Score candidates on `examples` (default `self.examples`); see `Objective.score`."""

@@ -19,6 +19,10 @@ def evaluate(model: Any, examples: Sequence[Example], batch_size: int = 32) -> d
         metrics, e.g. `{"accuracy": 0.91, "macro_f1": 0.90, "primary_metric": "accuracy"}`.
     """
     head = model.head
+    if not head.is_classifier and head.labels:  # a text head over a label set: its generations name labels
+        head.encode_labels(examples)
+        pred = [head.parse(text) for text in model.generate(examples, batch_size=batch_size)]
+        return label_metrics(head, examples, pred)
     if not head.is_classifier:
         pred = model.generate(examples, batch_size=batch_size)
         gold = [str(ex.label) for ex in examples]
@@ -30,7 +34,11 @@ def evaluate(model: Any, examples: Sequence[Example], batch_size: int = 32) -> d
 
 def score_metrics(head: Any, examples: Sequence[Example], scores: torch.Tensor) -> dict[str, Any]:
     """Metrics from precomputed scores (N, C)."""
-    pred = head.decide(scores)
+    return label_metrics(head, examples, head.decide(scores))
+
+
+def label_metrics(head: Any, examples: Sequence[Example], pred: Sequence[Any]) -> dict[str, Any]:
+    """Metrics from predicted labels (a label, or a tuple of labels for multi-label heads)."""
     if head.multi_label:
         gold = [ex.label if isinstance(ex.label, tuple) else (ex.label,) for ex in examples]
         return {**metrics.multilabel(gold, pred, head.labels), "primary_metric": "macro_f1"}

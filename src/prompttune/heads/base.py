@@ -68,6 +68,19 @@ class Head(nn.Module):
         """Scores (N, C) -> predicted labels (a label, or a tuple of labels for multi-label)."""
         return [self.labels[i] for i in scores.argmax(-1).tolist()]
 
+    # ---- text heads (generation) ----------------------------------------------------------------------------
+    constrain: Any = None
+    """A decoding constraint `(generated ids (B, t), logits (B, V)) -> logits (B, V)` applied at every greedy step
+    (e.g. a label trie), or None for free decoding."""
+
+    def decode(self, ids: Sequence[int], tokenizer: Any) -> str:
+        """Generated ids (stop token excluded) -> text."""
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    def parse(self, text: str) -> Any:
+        """Generated text -> prediction: the text itself, or for heads with a label set the label(s) it names."""
+        return text
+
     def tune_on_dev(self, model: Any, dev_scores: Tensor, dev: Sequence[Example], mode: str) -> dict[str, Any]:
         """After training: choose decision settings (calibration, thresholds) on dev; returns what was chosen."""
         return {}
