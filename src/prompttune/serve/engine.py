@@ -1,0 +1,518 @@
+"""The engine: one thread owns the backbone and runs every forward pass, with continuous batching.
+
+Each turn of its loop it admits queued work (after a short wait window when idle, so concurrent requests share a
+batch), scores classification rows in one mixed-prompt pass, prefills newly admitted generations in one mixed pass,
+and advances every decoding lane by one token. Finished sequences leave their lane at once and queued ones join at
+the next turn, so a long generation never holds up a short one. A lane's key/value cache is kept per row and
+left-padded, so rows of different lengths (and prompts with key/value prefixes of different lengths) decode together.
+
+The HTTP side talks to the engine through `Job`s: `submit` queues work (429 when the queue is full) and the engine
+sends events back to the job's asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..backbones.base import Backbone
+from ..data.collate import Batch, collate
+from ..types import PromptInputs, Row
+from .batching import Group, Pass, full_mask, plan
+from .config import ServeConfig
+from .metrics import Metrics
+from .prompts import LoadedPrompt
+from .protocol import APIError, Sampling
+
+log = logging.getLogger("prompttune.serve")
+
+
+class Job:
+    """One request as the engine sees it: a destination for events, living on the request's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, parts: int):
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.parts = parts  # items (examples or choices) still queued
+        self.cancelled = False
+        self.started = time.perf_counter()
+
+    def emit(self, *event: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the request's loop is gone (server stopping): nobody is waiting
+            self.cancelled = True
+
+
+@dataclass(eq=False)
+class ScoreItem:
+    """One example of a classify request: its rows (several for multi-token label words)."""
+
+    prompt: LoadedPrompt
+    rows: list[Row]
+    job: Job
+    slot: int
+    arrived: float = 0.0
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generated choice: its prompt row, decoding options and the text produced so far."""
+
+    prompt: LoadedPrompt
+    row: Row
+    job: Job
+    slot: int
+    sampling: Sampling
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None = None
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters already sent
+    entries: list[tuple[str, float, list[tuple[str, float]], int]] = field(default_factory=list)
+    sent_entries: int = 0
+    finish: str | None = None
+    arrived: float = 0.0
+
+    @property
+    def rows(self) -> list[Row]:
+        return [self.row]
+
+
+class Engine:
+    """Owns the backbone; see the module docstring. Thread-safe `submit`, `close`."""
+
+    def __init__(self, backbone: Backbone, cfg: ServeConfig, metrics: Metrics):
+        self.backbone, self.cfg, self.metrics = backbone, cfg, metrics
+        self.tokenizer = backbone.tokenizer
+        self._cond = threading.Condition()
+        self._queue: deque[ScoreItem | Sequence] = deque()
+        self._waiting_jobs = 0
+        self._lanes: dict[object, Lane] = {}
+        self._hooked: set[int] = set()  # ids of prompts whose method acts inside the network
+        self._stopping = False
+        self._paused = False
+        self._pieces: dict[int, str] = {}
+        self._thread = threading.Thread(target=self._run, name="prompttune-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the HTTP side ----------------------------------------------------------------------------------------
+    def submit(self, job: Job, items: Iterable[ScoreItem | Sequence]) -> None:
+        """Queue a request's items.
+
+        Raises:
+            APIError: 429 when `max_queue` requests are already waiting, 503 while shutting down.
+        """
+        with self._cond:
+            if self._stopping:
+                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            if self._waiting_jobs >= self.cfg.max_queue:
+                raise APIError(
+                    429,
+                    f"the queue is full ({self.cfg.max_queue} requests waiting); retry later",
+                    type="rate_limit_error",
+                    code="queue_full",
+                )
+            self._waiting_jobs += 1
+            arrived = time.perf_counter()
+            for item in items:
+                item.arrived = arrived
+                self._queue.append(item)
+            self._cond.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting_jobs
+
+    @property
+    def active_sequences(self) -> int:
+        return sum(len(lane.seqs) for lane in self._lanes.values())
+
+    def pause(self, paused: bool) -> None:
+        """Hold admissions (tests use it to queue requests that must share one batch)."""
+        with self._cond:
+            self._paused = paused
+            self._cond.notify()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish everything queued and running, then stop the thread."""
+        with self._cond:
+            self._stopping = True
+            self._paused = False
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    if not self._wait():
+                        return
+                    scores, fresh = self._admit()
+                for stage, items in ((self._classify, scores), (self._prefill, fresh)):
+                    if items:
+                        try:
+                            stage(items)
+                        except Exception as err:  # noqa: BLE001 - reported to its requests; the engine goes on
+                            self._fail(items, err)
+                for key, lane in list(self._lanes.items()):
+                    try:
+                        self._step(lane)
+                    except Exception as err:  # noqa: BLE001
+                        self._fail(lane.seqs, err)
+                        lane.seqs = []
+                    if not lane.seqs:
+                        del self._lanes[key]
+
+    def _wait(self) -> bool:
+        """Block (holding the condition) until there is work; returns False when stopped and drained."""
+        while True:
+            busy = self.active_sequences > 0
+            if self._queue and not self._paused:
+                break
+            if busy:
+                return True
+            if self._stopping and not self._queue:
+                return False
+            self._cond.wait(0.5)
+        if not busy and not self._stopping:  # idle: give concurrent requests a moment to share the batch
+            deadline = self._queue[0].arrived + self.cfg.batch_wait_ms / 1000
+            while self._queued_rows() < self.cfg.max_batch_size and (left := deadline - time.perf_counter()) > 0:
+                self._cond.wait(left)
+        return True
+
+    def _queued_rows(self) -> int:
+        return sum(len(item.rows) for item in self._queue)
+
+    def _admit(self) -> tuple[list[ScoreItem], list[Sequence]]:
+        """Take queued work that fits: classification rows up to the batch size, sequences up to the free slots."""
+        if self._paused:
+            return [], []
+        scores: list[ScoreItem] = []
+        fresh: list[Sequence] = []
+        score_rows, free = 0, self.cfg.max_batch_size - self.active_sequences
+        only_prompt: dict[str, Any] = {}  # without mixing: the one prompt of this turn's classification pass
+        keep: deque[ScoreItem | Sequence] = deque()
+        while self._queue:
+            item = self._queue.popleft()
+            if item.job.cancelled:
+                self._release(item)
+                continue
+            if isinstance(item, ScoreItem):
+                fits = not scores or score_rows + len(item.rows) <= self.cfg.max_batch_size
+                if fits and not self.cfg.mix_prompts:
+                    fits = only_prompt.setdefault("score", item.prompt) is item.prompt
+                if fits:
+                    scores.append(item)
+                    score_rows += len(item.rows)
+                    self._release(item)
+                    continue
+            elif free > 0:
+                fresh.append(item)
+                free -= 1
+                self._release(item)
+                continue
+            keep.append(item)
+        self._queue = keep
+        return scores, fresh
+
+    def _release(self, item: ScoreItem | Sequence) -> None:
+        item.job.parts -= 1
+        if item.job.parts == 0:
+            self._waiting_jobs -= 1
+
+    def _fail(self, items: list[ScoreItem] | list[Sequence], err: Exception) -> None:
+        log.error("engine stage failed", exc_info=err)
+        error = APIError(
+            500, f"internal error while serving the request: {type(err).__name__}: {err}", type="server_error"
+        )
+        for item in items:
+            item.job.cancelled = True  # its other parts stop too
+            item.job.emit("error", item.slot, error)
+
+    # ---- batches ------------------------------------------------------------------------------------------------
+    def _inputs(self, batch: Batch) -> PromptInputs:
+        dev = self.backbone.device
+        return PromptInputs(
+            inputs_embeds=self.backbone.embed(batch.input_ids.to(dev)),
+            attention_mask=batch.attention_mask.to(dev),
+            position_ids=batch.position_ids.to(dev),
+            soft_positions=batch.soft_positions.to(dev),
+            token_index=batch.token_index.to(dev),
+            read_positions=batch.read_positions.to(dev),
+        )
+
+    def _groups(self, prompts: list[LoadedPrompt], widths: list[int]) -> list[Group]:
+        """Rows of each prompt (by identity), in order of first appearance."""
+        index: dict[int, list[int]] = {}
+        owner: dict[int, LoadedPrompt] = {}
+        for row, prompt in enumerate(prompts):
+            index.setdefault(id(prompt), []).append(row)
+            owner[id(prompt)] = prompt
+        return [Group(owner[k].method, torch.tensor(rows), widths[rows[0]], owner[k]) for k, rows in index.items()]
+
+    def _record(self, kind: str, passes: list[Pass]) -> None:
+        for p in passes:
+            self.metrics.inc("prompttune_forward_passes_total", kind=kind)
+            self.metrics.observe("prompttune_batch_size", p.inputs.inputs_embeds.shape[0], kind=kind)
+            self.metrics.observe("prompttune_batch_prompts", len(p.groups), kind=kind)
+
+    def _classify(self, items: list[ScoreItem]) -> None:
+        rows: list[Row] = []
+        prompts: list[LoadedPrompt] = []
+        owner: list[ScoreItem] = []
+        examples: dict[int, int] = {}  # per prompt: examples numbered so far (the head groups rows by example)
+        for item in items:
+            number = examples.get(id(item.prompt), 0)
+            examples[id(item.prompt)] = number + 1
+            for r in item.rows:
+                rows.append(Row(r.ids, r.soft, r.read, r.targets, number, r.option))
+                prompts.append(item.prompt)
+                owner.append(item)
+        batch = collate(rows, self.backbone.pad_id)
+        self.metrics.inc("prompttune_prompt_tokens_total", sum(len(r.ids) for r in rows))
+        groups = self._groups(prompts, [len(r.soft) for r in rows])
+        passes = plan(self._inputs(batch), groups)
+        self._record("classify", passes)
+        for p in passes:
+            hidden = self.backbone(p.inputs)  # (b, T, D)
+            for g, pos in p.groups:
+                prompt: LoadedPrompt = g.key  # type: ignore[assignment]
+                sub = _sub_batch(batch, g.rows, p.inputs, pos, hidden.device)
+                scores = prompt.head(hidden[pos.to(hidden.device)], sub, self.backbone, examples[id(prompt)])
+                scores = scores.float().cpu()  # (n, C)
+                done: set[int] = set()
+                for r in g.rows.tolist():
+                    item = owner[r]
+                    if id(item) not in done:
+                        done.add(id(item))
+                        item.job.emit("scores", item.slot, scores[rows[r].example])
+
+    def _lane_key(self, prompt: LoadedPrompt) -> object:
+        if not self.cfg.mix_prompts or id(prompt) in self._hooked:
+            return prompt
+        return None
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        rows = [s.row for s in seqs]
+        batch = collate(rows, self.backbone.pad_id)
+        self.metrics.inc("prompttune_prompt_tokens_total", sum(len(r.ids) for r in rows))
+        inputs = self._inputs(batch)
+        last_index = inputs.token_index.max(dim=1, keepdim=True).values  # (B, 1) text tokens so far, per row
+        passes = plan(inputs, self._groups([s.prompt for s in seqs], [len(r.soft) for r in rows]))
+        self._record("prefill", passes)
+        for p in passes:
+            out = self.backbone._body(p.inputs, use_cache=True)
+            kv = _cache_tensors(out)  # per layer (b, kvh, L, hd)
+            mask = full_mask(p.inputs)  # (b, L)
+            logits = self.backbone.lm_logits(out.last_hidden_state[:, -1]).float()  # (b, V)
+            position = p.inputs.position_ids[:, -1:]  # (b, 1)
+            for g, pos in p.groups:
+                if p.hooked:
+                    self._hooked.add(id(g.key))
+                key = self._lane_key(g.key)  # type: ignore[arg-type]
+                lane = self._lanes.setdefault(key, Lane())
+                at = pos.to(mask.device)
+                lane.add(
+                    [seqs[r] for r in g.rows.tolist()],
+                    [(k[at], v[at]) for k, v in kv],
+                    mask[at],
+                    logits[at],
+                    position[at],
+                    last_index[g.rows.to(mask.device)],
+                )
+
+    def _step(self, lane: Lane) -> None:
+        """Emit each row's next token; drop finished rows; run one decoding step for the rest."""
+        tokens = self._choose(lane)
+        alive = [b for b, (seq, tok) in enumerate(zip(lane.seqs, tokens, strict=True)) if not self._push(seq, tok)]
+        lane.keep(alive)
+        if not lane.seqs:
+            return
+        B = len(lane.seqs)
+        dev = lane.mask.device
+        token = torch.tensor([tokens[b][0] for b in alive], device=dev)  # (B,)
+        lane.position, lane.index = lane.position + 1, lane.index + 1
+        step = PromptInputs(
+            inputs_embeds=self.backbone.embed(token[:, None]),  # (B, 1, D)
+            attention_mask=lane.mask.new_ones(B, 1),
+            position_ids=lane.position,
+            soft_positions=token.new_zeros(B, 0),
+            token_index=lane.index,
+            read_positions=token.new_zeros(B, 1),
+            decoding=True,
+        )
+        prompts = [s.prompt for s in lane.seqs]
+        passes = plan(step, self._groups(prompts, [0] * B))
+        self._record("decode", passes)
+        if len(passes) != 1 or passes[0].inputs.past_key_values is not None:
+            raise RuntimeError("a decoding step must be one pass without a new key/value prefix")
+        ready = passes[0].inputs.replace(past_key_values=lane.kv, past_attention_mask=lane.mask)
+        out = self.backbone._body(ready, use_cache=True)
+        lane.kv = _cache_tensors(out)
+        lane.mask = torch.cat([lane.mask, lane.mask.new_ones(B, 1)], 1)
+        lane.logits = self.backbone.lm_logits(out.last_hidden_state[:, -1]).float()  # (B, V)
+
+    # ---- tokens -------------------------------------------------------------------------------------------------
+    def _piece(self, token: int) -> str:
+        """A token's own text (cached: top-k log-probs decode many tokens per step)."""
+        text = self._pieces.get(token)
+        if text is None:
+            text = self._pieces[token] = self.tokenizer.decode([token])
+        return text
+
+    def _choose(self, lane: Lane) -> list[tuple[int, float | None, list[tuple[int, float]]]]:
+        """Per row: (token, its log-prob, top-k (token, log-prob)); log-probs only where requested."""
+        logits = lane.logits  # (B, V)
+        chosen = logits.argmax(-1).tolist()
+        for b, seq in enumerate(lane.seqs):
+            sp = seq.sampling
+            if sp.temperature > 0:
+                chosen[b] = _sample(logits[b], sp.temperature, sp.top_p, seq.generator)
+        wanted = [b for b, s in enumerate(lane.seqs) if s.sampling.logprobs is not None]
+        out: list[tuple[int, float | None, list[tuple[int, float]]]] = [(t, None, []) for t in chosen]
+        if wanted:
+            rows = torch.tensor(wanted, device=logits.device)
+            logp = F.log_softmax(logits.index_select(0, rows), -1)  # (W, V)
+            k = max(lane.seqs[b].sampling.logprobs for b in wanted)
+            top_v, top_i = logp.topk(k, -1) if k else (logp[:, :0], logp[:, :0].long())
+            picked = logp.gather(1, torch.tensor([chosen[b] for b in wanted], device=logits.device)[:, None])
+            for j, b in enumerate(wanted):
+                n = lane.seqs[b].sampling.logprobs
+                top = list(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist(), strict=True))
+                out[b] = (chosen[b], float(picked[j, 0]), top)
+        return out
+
+    def _push(self, seq: Sequence, choice: tuple[int, float | None, list[tuple[int, float]]]) -> bool:
+        """Add one token to a sequence and send what is final; returns True when the sequence has ended."""
+        if seq.job.cancelled:
+            return True
+        token, logprob, top = choice
+        if token in seq.stop_ids:
+            seq.finish = "stop"
+        else:
+            self.metrics.inc("prompttune_generated_tokens_total")
+            before = len(seq.text)
+            seq.ids.append(token)
+            seq.text = self.tokenizer.decode(seq.ids, skip_special_tokens=True)
+            if logprob is not None:
+                seq.entries.append((self._piece(token), logprob, [(self._piece(t), v) for t, v in top], before))
+            cut = _find_stop(seq.text, seq.sampling.stop, before)
+            if cut is not None:
+                seq.text, seq.finish = seq.text[:cut], "stop"
+            elif len(seq.ids) >= seq.sampling.max_tokens:
+                seq.finish = "length"
+        safe = len(seq.text)
+        if seq.finish is None:
+            if seq.sampling.stop:  # hold back what may be the start of a stop string
+                safe -= max(len(s) for s in seq.sampling.stop) - 1
+            if seq.text.endswith("\ufffd"):  # an unfinished multi-byte character
+                safe = min(safe, len(seq.text) - 1)
+        if safe > seq.sent or seq.finish is not None:
+            entries = [e for e in seq.entries[seq.sent_entries :] if e[3] < max(safe, seq.sent)]
+            seq.sent_entries += len(entries)
+            seq.job.emit("delta", seq.slot, seq.text[seq.sent : max(safe, seq.sent)], entries)
+            seq.sent = max(safe, seq.sent)
+        if seq.finish is not None:
+            seq.job.emit("done", seq.slot, seq.finish, len(seq.ids))
+            return True
+        return False
+
+
+class Lane:
+    """Sequences decoding together: a left-padded key/value cache per row, their next-token logits, positions."""
+
+    def __init__(self) -> None:
+        self.seqs: list[Sequence] = []
+        self.kv: tuple[tuple[Tensor, Tensor], ...] = ()  # per layer (B, kvh, L, hd)
+        self.mask = torch.zeros(0, 0, dtype=torch.long)  # (B, L)
+        self.logits = torch.zeros(0, 0)  # (B, V)
+        self.position = torch.zeros(0, 1, dtype=torch.long)  # (B, 1) position of the last token in the cache
+        self.index = torch.zeros(0, 1, dtype=torch.long)  # (B, 1) its index among the row's text tokens
+
+    def add(self, seqs, kv, mask, logits, position, index) -> None:
+        if not self.seqs:
+            self.seqs, self.kv, self.mask = list(seqs), tuple(kv), mask
+            self.logits, self.position, self.index = logits, position, index
+            return
+        L = max(self.mask.shape[1], mask.shape[1])
+        self.kv = tuple(
+            (torch.cat([_left_pad(k0, L), _left_pad(k1, L)]), torch.cat([_left_pad(v0, L), _left_pad(v1, L)]))
+            for (k0, v0), (k1, v1) in zip(self.kv, kv, strict=True)
+        )
+        self.mask = torch.cat([_left_pad(self.mask, L), _left_pad(mask, L)])
+        self.logits = torch.cat([self.logits, logits])
+        self.position = torch.cat([self.position, position])
+        self.index = torch.cat([self.index, index])
+        self.seqs += list(seqs)
+
+    def keep(self, rows: list[int]) -> None:
+        if len(rows) == len(self.seqs):
+            return
+        self.seqs = [self.seqs[b] for b in rows]
+        if not rows:
+            self.kv, self.mask = (), self.mask[:0]
+            return
+        at = torch.tensor(rows, device=self.mask.device)
+        mask = self.mask.index_select(0, at)
+        start = int(mask.any(0).long().argmax())  # columns padding every remaining row go
+        self.mask = mask[:, start:]
+        self.kv = tuple((k.index_select(0, at)[:, :, start:], v.index_select(0, at)[:, :, start:]) for k, v in self.kv)
+        self.logits = self.logits.index_select(0, at)
+        self.position = self.position.index_select(0, at)
+        self.index = self.index.index_select(0, at)
+
+
+def _left_pad(t: Tensor, L: int) -> Tensor:
+    """Pad the sequence dimension (dim -2 of keys/values (B, kvh, L, hd), dim -1 of masks (B, L)) on the left."""
+    dim = -1 if t.dim() == 2 else -2
+    missing = L - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim)
+
+
+def _cache_tensors(output: Any) -> tuple[tuple[Tensor, Tensor], ...]:
+    cache = getattr(output, "cache", None)
+    cache = cache if cache is not None else output.past_key_values
+    return tuple((layer.keys, layer.values) for layer in cache.layers)
+
+
+def _sub_batch(batch: Batch, rows: Tensor, inputs: PromptInputs, pos: Tensor, device: torch.device) -> Batch:
+    """The batch fields of one prompt's rows, with the read positions and mask of the pass they ran in."""
+    fields = {}
+    for name, value in batch.__dict__.items():
+        fields[name] = value.index_select(0, rows).to(device) if isinstance(value, Tensor) else value
+    at = pos.to(inputs.read_positions.device)
+    fields["read_positions"] = inputs.read_positions.index_select(0, at)
+    fields["attention_mask"] = inputs.attention_mask.index_select(0, at)
+    fields["past"] = fields["past_mask"] = None
+    return Batch(**fields)
+
+
+def _sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    probs = torch.softmax(logits.float().cpu() / temperature, -1)  # (V,)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest set whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _find_stop(text: str, stops: list[str], since: int) -> int | None:
+    """Index of the earliest stop string that ends after `since` (the text before it was already checked)."""
+    found = [i for s in stops if (i := text.find(s, max(0, since - len(s) + 1))) >= 0]
+    return min(found) if found else None
