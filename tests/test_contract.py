@@ -88,7 +88,14 @@ def test_scores_do_not_depend_on_batch_neighbours_or_prefix_cache(
     backbone = backbones[bb]
     encoder = backbone.kind == "encoder"
     template = (ENCODER_TEMPLATES if encoder else DECODER_TEMPLATES)[where]
-    model = make_model(method, backbone, template=template, verbalizer=multi_words if words == "multi-token" else None)
+    verbalizer = multi_words if words == "multi-token" else None
+    try:
+        model = make_model(method, backbone, template=template, verbalizer=verbalizer)
+    except PromptTuneError as err:
+        # A method may refuse a layout it cannot serve, but only when the model is built and with a message naming
+        # {soft}: IAPT in a causal LM generates its tokens from the text before them, so `{soft}` first is refused.
+        assert where == "front" and not encoder and "{soft}" in str(err), err
+        return
     if any(True for _ in model.method.parameters()):
         assert any(p.abs().sum() > 0 for p in model.method.parameters()), "perturbed prompt must not be zero"
     if words == "multi-token":

@@ -40,6 +40,7 @@ class PromptModel(nn.Module):
         truncate: bool = False,
     ):
         super().__init__()
+        method.check_template(template)  # a layout the method cannot serve fails here, before any data is read
         self.__dict__["backbone"] = backbone
         self.method = method
         self.head = head

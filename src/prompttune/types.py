@@ -26,6 +26,10 @@ class BackboneSpec:
     vocab_size: int
     max_positions: int
     embed_tokens: Callable[[Tensor], Tensor] = field(repr=False, compare=False)  # (...,) ids -> (..., D)
+    # (L,) ids -> (layers, L, D): the frozen hidden states of that text at the input of every transformer layer
+    # (layer 0: the embeddings plus anything the model adds to them). For initialising per-layer prompts; None when
+    # the backbone cannot provide them.
+    layer_inputs: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
 
     def sizes(self) -> dict[str, int | str]:
         """The size fields an artifact records and checks on load."""
@@ -71,6 +75,10 @@ class PromptInputs:
     past_attention_mask: Tensor | None = None  # (B, Lp) mask of the past keys/values
     condition: Any | None = None
     decoding: bool = False  # an incremental decoding step: the prompt (and any prefix) is already in the cache
+    # The per-layer seam: set by a method's `apply` (its bound `layer_hook`), called by the backbone at the input of
+    # every transformer layer as `layer_hook(layer, hidden (B, T, D), these inputs) -> hidden (B, T, D)`, for this
+    # one call only. `hidden` covers the same columns as `inputs_embeds` (never a cached prefix).
+    layer_hook: Callable[[int, Tensor, PromptInputs], Tensor] | None = None
 
     def replace(self, **changes: Any) -> PromptInputs:
         return replace(self, **changes)

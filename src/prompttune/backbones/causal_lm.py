@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -28,17 +29,31 @@ class CausalLM(Backbone):
         if inputs.past_key_values is not None:
             cache = DynamicCache(ddp_cache_data=inputs.past_key_values)  # a fresh cache per call: never stale
             mask = torch.cat([inputs.past_attention_mask.to(mask), mask], dim=1)  # (B, Lp + T)
-        return self._call(inputs.inputs_embeds, mask, inputs.position_ids, cache, use_cache)
+        return self._call(inputs.inputs_embeds, mask, inputs.position_ids, cache, use_cache, inputs)
 
-    def _call(self, embeds: Tensor, mask: Tensor, position_ids: Tensor, cache: DynamicCache | None, use_cache: bool):
+    def _call(
+        self,
+        embeds: Tensor,
+        mask: Tensor,
+        position_ids: Tensor,
+        cache: DynamicCache | None,
+        use_cache: bool,
+        inputs: PromptInputs | None = None,
+    ):
+        """Run the base model; `inputs` (when given) supplies the method's per-layer hook for this call."""
         # transformers >= 5.2x renamed `past_key_values` to `cache`; accept both spellings.
         key = self._cache_kwarg
         if key is None:
             params = inspect.signature(self.model.base_model.forward).parameters
             key = self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        return self.model.base_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=use_cache, **{key: cache}
-        )
+        with self.hooked(inputs) if inputs is not None else nullcontext():
+            return self.model.base_model(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                **{key: cache},
+            )
 
     def forward(self, inputs: PromptInputs) -> Tensor:
         return self._body(inputs).last_hidden_state  # (B, T, D), final norm applied
@@ -128,7 +143,7 @@ class CausalLM(Backbone):
                 decoding=True,
             )
             step = prepare(step)
-            hidden = self._call(step.inputs_embeds, mask, step.position_ids, cache, True).last_hidden_state
+            hidden = self._call(step.inputs_embeds, mask, step.position_ids, cache, True, step).last_hidden_state
         return generated
 
 

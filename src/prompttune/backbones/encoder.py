@@ -19,7 +19,10 @@ class Encoder(Backbone):
         if inputs.past_key_values is not None:
             raise PromptTuneError(f"backbone {self.spec.name!r} is an encoder; key/value prefixes need a causal LM")
         # token_type_ids default to zeros; explicit positions keep left padding harmless.
-        out = self.model(
-            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids
-        )
+        with self.hooked(inputs):
+            out = self.model(
+                inputs_embeds=inputs.inputs_embeds,
+                attention_mask=inputs.attention_mask,
+                position_ids=inputs.position_ids,
+            )
         return out.last_hidden_state  # (B, T, D)
