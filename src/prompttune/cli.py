@@ -322,6 +322,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=run_docs["model"])
     p.add_argument("--out", required=True, metavar="DIR", help="artifact directory to write")
     p.set_defaults(config_fields=add_config_flags(p, TaskConfig, "task", set()))
+    from .discrete.cli import add_search_parser
+
+    add_search_parser(verbs, argv)
     return parser
 
 

@@ -161,3 +161,11 @@ class DiscretePrompt:
         """The full prompts the LLM reads for these inputs."""
         examples = self._examples(list(texts), require_label=False)
         return self.objective.prompt_texts(self.candidate, examples)
+
+
+def read_template(path: str | Path) -> Template:
+    """The task template saved with a discrete artifact."""
+    spec = artifacts.read_json(Path(path) / "template.json")
+    if not isinstance(spec.get("template"), str):
+        raise PromptTuneError(f"{path}/template.json: field 'template' must be a string")
+    return Template(spec["template"])

@@ -247,6 +247,12 @@ class DiscreteOptimizer:
         return scored
 
     @property
+    def calls_per_example(self) -> int:
+        """LLM calls needed to score one candidate on one example (2 when a reasoning is generated first); the loop
+        holds back `select_top + 1` candidates x dev examples x this for the final selection."""
+        return 1
+
+    @property
     def done(self) -> bool:
         """True when the optimiser has nothing left to try (the loop also stops at the budget or `max_steps`)."""
         return False

@@ -58,6 +58,8 @@ class SearchConfig:
     """Most optimiser steps, 0 = until the budget is spent or the optimiser is done."""
     seed: int = 13
     """Seed of every random choice; the same seed gives the same result with the local backends."""
+    proposer_model: str | None = None
+    """A second model, on the same backend, that writes proposals (OPRO); default: the task model."""
     select_top: int = 4
     """How many of the best candidates (by training score) are re-scored on dev; the manual prompt always is."""
     p1: int = 0
@@ -155,15 +157,16 @@ def search(
     if proposer is not None and proposer.budget is not budget:
         proposer.budget = budget  # one budget for every LLM the search calls
     budget.max_calls, budget.max_tokens = config.budget, config.max_tokens
-    reserve = (config.select_top + 1) * len(dev)
+    optimizer = build_optimizer(config, ctx)
+    objective.specialize = optimizer.specialize
+    per = optimizer.calls_per_example
+    reserve = (config.select_top + 1) * len(dev) * per
     if config.budget and reserve >= config.budget:
         raise PromptTuneError(
             f"config field 'budget': {config.budget} LLM calls cannot pay for dev selection ({config.select_top + 1} "
-            f"candidates x {len(dev)} dev examples = {reserve} calls) and leave any for the search; raise it"
+            f"candidates x {len(dev)} dev examples x {per} = {reserve} calls) and leave any for the search; raise it"
         )
     budget.held_back = reserve
-    optimizer = build_optimizer(config, ctx)
-    objective.specialize = optimizer.specialize
     state: dict[str, Any] = {"step": 0, "history": {}, "stopped": None, "seconds": 0.0, "p1": None}
     if resume:
         state = _load_checkpoint(out, config, optimizer, objective)
