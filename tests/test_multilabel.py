@@ -208,3 +208,14 @@ def test_cli_trains_the_ptec_classifier(data, tmp_path, capsys):
     assert main(["predict", str(out), "good fun .", "--json"]) == 0
     (item,) = json.loads(capsys.readouterr().out)["predictions"]
     assert isinstance(item["label"], list) and set(item["label"]) <= set(LABELS) and set(item["scores"]) == set(LABELS)
+
+
+def test_truncation_cutting_an_emoji_still_shortens(tiny_llama):
+    """Long comments carry emoji; a cut inside one must not stop truncation (a regression found on this data)."""
+    from prompttune.data.templates import Template
+
+    template = Template("Message: {message}\nTopics:{answer}")
+    example = Example({"message": "go back where you came from " + "\U0001f621" * 12 + " the end"})
+    for limit in range(16, 90, 3):  # the template alone is 16 tokens, the untruncated prompt 89
+        prompt = template.encode(example, tiny_llama.tokenizer, 0, limit, truncate=True)
+        assert len(prompt.ids) <= limit

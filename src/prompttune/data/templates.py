@@ -183,7 +183,9 @@ def _shorten_longest_field(example: Example, names: list[str], excess: int, toke
     keep = max(0, len(ids) - excess - 1)
     fields = dict(example.fields)
     key = longest if longest in fields else next(a for a in (*_TEXT_ALIASES, *fields) if a in fields)
-    fields[key] = tokenizer.decode(ids[:keep])
+    # A cut inside a multi-byte character (byte-level BPE: an emoji) decodes to U+FFFD, which re-encodes to more
+    # tokens than were kept, so the prompt would never get shorter: drop the broken character.
+    fields[key] = tokenizer.decode(ids[:keep]).rstrip("\ufffd")
     return Example(fields=fields, label=example.label, source=example.source)
 
 
