@@ -27,6 +27,8 @@ METHODS = (
     "prefix_tuning",
     "p_tuning",
     "dept",
+    "ept",
+    "bayesprompt",
     "peft_prompt_tuning",
 )
 FULL_TEST = {"sst-2": 1821, "mr": 2000, "cr": 2000, "sst-5": 2210}

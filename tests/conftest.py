@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from prompttune import PromptTuner
-from prompttune.api import build_model, hint_text, make_config
+from prompttune.api import build_model, hint_text, init_context, make_config
 from prompttune.backbones import Backbone, load_backbone
-from prompttune.methods.base import InitContext
+from prompttune.data.examples import load_examples
 from prompttune.model import PromptModel
 from prompttune.registry import METHODS, lookup
 
@@ -162,14 +162,8 @@ def _make_model(
     with torch.random.fork_rng(devices=[]):  # modules with default init (p-tuning's encoder) draw from the global RNG
         torch.manual_seed(seed)
         model = build_model(cfg, backbone, labels)
-    prefix_kv = None
-    if backbone.supports_prefix_cache:
-
-        def prefix_kv(ids: list[int]) -> torch.Tensor:
-            return backbone.encode_prefixes([ids])[0]
-
-    ctx = InitContext(backbone.tokenizer, torch.Generator().manual_seed(seed), hint_text(cfg), prefix_kv)
-    model.method.initialize(ctx)
+    # The SST rows stand in for the training split, so data-dependent initialisation (BayesPrompt) runs here too.
+    model.method.initialize(init_context(model, seed, hint_text(cfg), load_examples(SST_TRAIN)))
     if noise:
         perturb(model.method, seed + 1, noise)
         perturb(model.head, seed + 2, noise)

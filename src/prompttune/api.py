@@ -85,6 +85,20 @@ def build_model(cfg: RunConfig, backbone: Backbone, labels: Sequence[str]) -> Pr
     return model.to(backbone.device)
 
 
+def init_context(model: PromptModel, seed: int, hint: str, train: Sequence[Example] = ()) -> InitContext:
+    """What `method.initialize` sees: the tokenizer, a generator seeded by the run, frozen prefixes (causal LMs), and
+    the training examples with `model.represent` for data-dependent methods (BayesPrompt)."""
+    backbone = model.backbone
+    prefix_kv = None
+    if backbone.supports_prefix_cache:
+
+        def prefix_kv(ids: list[int]) -> torch.Tensor:
+            return backbone.encode_prefixes([ids])[0]
+
+    generator = torch.Generator().manual_seed(seed)
+    return InitContext(backbone.tokenizer, generator, hint, prefix_kv, tuple(train), model.represent)
+
+
 def hint_text(cfg: RunConfig) -> str:
     """Default text for `init=text`: blank (space) tokens.
 
@@ -161,16 +175,7 @@ class PromptTuner:
         train_ex, dev_ex = self._examples(train), self._examples(dev)
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg, self.backbone, resolve_labels(cfg.task, train_ex))
-        prefix_kv = None
-        if self.backbone.supports_prefix_cache:
-
-            def prefix_kv(ids: list[int]) -> torch.Tensor:
-                return self.backbone.encode_prefixes([ids])[0]
-
-        ctx = InitContext(
-            self.backbone.tokenizer, torch.Generator().manual_seed(cfg.train.seed), hint_text(cfg), prefix_kv
-        )
-        self.model.method.initialize(ctx)
+        self.model.method.initialize(init_context(self.model, cfg.train.seed, hint_text(cfg), train_ex))
         out = out or cfg.out
         tic = time.perf_counter()
         self.result = fit(self.model, train_ex, dev_ex, cfg.train, out, resume, quiet, cfg.task.calibrate)

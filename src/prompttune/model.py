@@ -163,6 +163,39 @@ class PromptModel(nn.Module):
         return out
 
     @torch.no_grad()
+    def represent(self, examples: Sequence[Example], layer: str = "final", batch_size: int = 16) -> Tensor:
+        """Frozen features of examples as the template frames them, without soft tokens or the method.
+
+        Each example is the mean over its non-special tokens (BOS/CLS/SEP carry no content, and a decoder's BOS state
+        is an outlier that would dominate the mean) of the input embeddings (`layer="embedding"`) or of the final
+        hidden states (`layer="final"`). Rows are left-padded with explicit positions, so a row's features do not
+        depend on its batch neighbours.
+
+        Returns:
+            (N, D) float32 on the CPU, in the input order.
+        Raises:
+            PromptTuneError: an unknown `layer`.
+        """
+        if layer not in ("embedding", "final"):
+            raise PromptTuneError(f"represent: layer must be 'embedding' or 'final', got {layer!r}")
+        special = set(getattr(self.backbone.tokenizer, "all_special_ids", []) or [])
+        tok, pad = self.backbone.tokenizer, self.backbone.pad_id
+        suffix = self.backbone.kind == "encoder"
+        prompts = [self.template.encode(ex, tok, 0, self.max_length, self.truncate, pad, suffix) for ex in examples]
+        rows = [Row(p.ids, (), ()) for p in prompts]
+        out = torch.zeros(len(rows), self.backbone.spec.hidden_size)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            batch = collate(chunk, pad)
+            inputs = self.inputs(batch)
+            feats = inputs.inputs_embeds if layer == "embedding" else self.backbone(inputs)  # (B, T, D)
+            keep = batch.attention_mask.bool() & ~torch.isin(batch.input_ids, torch.tensor(sorted(special) or [-1]))
+            keep = torch.where(keep.any(1, keepdim=True), keep, batch.attention_mask.bool())  # all special: use all
+            weights = keep.to(feats.dtype).to(feats.device)[..., None]  # (B, T, 1)
+            out[start : start + len(chunk)] = ((feats * weights).sum(1) / weights.sum(1)).float().cpu()  # (B, D)
+        return out
+
+    @torch.no_grad()
     def content_free_prior(self) -> Tensor:
         """Log-prior of each class on content-free inputs (contextual calibration); leaves the head unchanged."""
         saved = self.head.prior.clone()

@@ -13,7 +13,7 @@ the first slot can see them, so the frozen prefix cache stays exact.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,17 +22,23 @@ from torch import Tensor, nn
 
 from ..data.templates import Template
 from ..errors import PromptTuneError
-from ..types import BackboneSpec, PromptInputs
+from ..types import BackboneSpec, Example, PromptInputs
 
 
 @dataclass
 class InitContext:
-    """What data-free initialisation may use."""
+    """What initialisation may use: the tokenizer, a generator seeded by the run and, for data-dependent methods
+    (BayesPrompt), the training examples and their frozen representations."""
 
     tokenizer: Any
     generator: torch.Generator
     hint_text: str  # text to initialise from when the user gave none (e.g. the label words)
     prefix_kv: Callable[[list[int]], Tensor] | None = None  # ids -> frozen (layers, 2, kvh, L, hd); causal LMs only
+    train_examples: Sequence[Example] = ()  # the training split, labels included; empty where none was given
+    represent: Callable[[Sequence[Example], str], Tensor] | None = None
+    """`represent(examples, layer)` -> (N, D) float32 CPU features of the examples as the template frames them, through
+    the frozen backbone: the mean over their non-special tokens of the input embeddings (`layer="embedding"`) or of
+    the final hidden states (`layer="final"`)."""
 
 
 class SoftPromptMethod(nn.Module):
@@ -63,7 +69,7 @@ class SoftPromptMethod(nn.Module):
         return 0
 
     def initialize(self, ctx: InitContext) -> None:
-        """Data-free initialisation; called once before training (never on load)."""
+        """Initialisation from `ctx`; called once before training (never on load)."""
 
     def apply(self, inputs: PromptInputs) -> PromptInputs:
         """Inject the prompt. Returns a new PromptInputs; never mutates `inputs`."""
