@@ -325,6 +325,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     from .discrete.cli import add_search_parser
 
     add_search_parser(verbs, argv)
+    from .serve.cli import add_serve_parser
+
+    add_serve_parser(verbs)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,11 @@ def parse_prompts(values: list[str]) -> dict[str, str]:
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     """Load the backbone and the prompts, then serve until interrupted (SIGINT/SIGTERM finish in-flight work)."""
-    import uvicorn
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise PromptTuneError("serving needs the `serve` extra: pip install 'prompttune[serve]'") from None
 
     from ..backbones.base import load_backbone
     from .app import PromptServer, read_api_keys
@@ -66,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     server = PromptServer(backbone, parse_prompts(args.prompts), cfg, keys)
     names = [p.model_id(backbone.spec.name) for p in server.registry.all()]
     print(f"serving {backbone.spec.name} with {len(names)} prompt(s) on http://{cfg.host}:{cfg.port}", file=sys.stderr)
-    uvicorn.run(
+    config = uvicorn.Config(
         server.app,
         host=cfg.host,
         port=cfg.port,
@@ -74,4 +79,13 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
         access_log=False,
         timeout_graceful_shutdown=cfg.timeout_graceful_shutdown,
     )
+    # Uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the handlers it found; these
+    # record it instead, so a clean shutdown (in-flight requests answered) exits with status 0.
+    signals = [signal.SIGINT, signal.SIGTERM]
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in signals}
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return {"model": backbone.spec.name, "prompts": names, "config": dataclasses.asdict(cfg)}
