@@ -68,8 +68,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dept": ("dept", {}),
     # EPT defaults: 8 fused tokens, rank-2 knowledge, 2 subspaces of rank 1 = 9,232 parameters (the same budget).
     "ept": ("ept", {}),
-    # BayesPrompt: 16 tokens sampled from a mixture (one component per class) of the training examples' mean
-    # embeddings, then trained as they are: 9,216 parameters, like prompt tuning; only the starting tokens differ.
+    # BayesPrompt: 16 tokens sampled from a mixture (one component per class) of the training examples' mean final
+    # hidden states, then trained as they are: 9,216 parameters, like prompt tuning; only the starting tokens differ.
     "bayesprompt": ("bayesprompt", {"num_virtual_tokens": 16}),
     "peft_prompt_tuning": ("prompt_tuning", {"num_virtual_tokens": 16}),  # our config only supplies shared settings
 }

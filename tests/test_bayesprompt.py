@@ -24,6 +24,7 @@ from prompttune.methods.bayesprompt import (
     sample_gmm,
     svgd,
 )
+from prompttune.methods.init import vocab_ids
 
 CENTRES = torch.tensor([[-4.0, -4.0, 3.0, 0.0], [4.0, 4.0, -3.0, 1.0]], dtype=torch.float64)
 
@@ -126,17 +127,23 @@ def _model(backbone, seed=0, **method_kw):
     return model
 
 
-def test_prompt_tokens_are_the_documented_function_of_the_samples(tiny_llama):
-    model = _model(tiny_llama, seed=7, rank=2)
+@pytest.mark.parametrize("features", ["final", "embedding"])
+def test_prompt_tokens_are_the_documented_function_of_the_samples(tiny_llama, features):
+    model = _model(tiny_llama, seed=7, rank=2, features=features)
     method = model.method
     examples = load_examples(SST_TRAIN)
-    feats = model.represent(examples, "embedding").double()  # (8, D)
+    feats = model.represent(examples, features).double()  # (8, D)
     mu, sd = feats.mean(0), feats.std(0, unbiased=False)
     z = (feats - mu) / sd
     # The same steps, on the same seeded generator, as documented: EM (K = 2 classes), 4 draws, SVGD, the map back.
     gen = torch.Generator().manual_seed(7)
     gmm, _ = fit_gmm(z, 2, gen, diagonal=True, reg=0.1, iters=100)
     samples = svgd(sample_gmm(gmm, 4, gen), gmm, 100, 0.5 * 0.1)
+    if features == "final":  # hidden states are mapped with the vocabulary embeddings' per-dimension statistics
+        ids = vocab_ids(tiny_llama.spec, InitContext(tiny_llama.tokenizer, gen, " "), 4096)
+        with torch.no_grad():
+            vocab = tiny_llama.embed(ids).double()  # (S, D)
+        mu, sd = vocab.mean(0), vocab.std(0)
     torch.testing.assert_close(method.samples, samples.float())
     torch.testing.assert_close(method.anchors, (mu + sd * samples).float())
     with torch.no_grad():
@@ -146,7 +153,7 @@ def test_prompt_tokens_are_the_documented_function_of_the_samples(tiny_llama):
         expected = method.anchors + method.delta + (method.samples @ method.proj_down) @ method.proj_up
         torch.testing.assert_close(method.vectors(), expected)
     assert set(method.state_dict()) == {"samples", "anchors", "delta", "proj_down", "proj_up"}  # all saved
-    plain = _model(tiny_llama, seed=7).method  # rank 0 (default): the same tokens, trained as they are
+    plain = _model(tiny_llama, seed=7, features=features).method  # rank 0 (default): the same tokens, trained as is
     assert torch.equal(plain.samples, method.samples) and set(plain.state_dict()) == {"samples", "anchors", "delta"}
     with torch.no_grad():
         plain.delta.normal_(generator=torch.Generator().manual_seed(9))
@@ -161,7 +168,7 @@ def test_samples_follow_the_run_seed(tiny_llama):
 
 
 def test_final_hidden_features_land_on_the_embedding_scale(tiny_llama):
-    method = _model(tiny_llama, features="final", covariance="full", num_components=3, svgd_steps=10).method
+    method = _model(tiny_llama, covariance="full", num_components=3, svgd_steps=10).method  # features="final"
     with torch.no_grad():
         vocab = tiny_llama.embed(torch.arange(tiny_llama.spec.vocab_size))  # (V, D)
     assert torch.isfinite(method.anchors).all()

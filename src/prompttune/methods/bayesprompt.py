@@ -8,8 +8,11 @@ each other, so they cover the modes instead of collapsing onto one), and turns t
 
 Our mechanism, all at `initialize` and seeded by the run's generator (the same seed gives the same prompt):
 
-1. `represent` each training example through the frozen backbone: the mean input embedding of its tokens
-   (`features="embedding"`, as the authors' code does) or its mean final hidden state (`features="final"`).
+1. `represent` each training example through the frozen backbone: its mean final hidden state (`features="final"`,
+   the default) or the mean input embedding of its tokens (`features="embedding"`, as the authors' code does).
+   Measured with SmolLM2-135M on SST-2 (split 16-13, 200 test sentences, 16 tokens, before training): `final` starts
+   at 71.5% accuracy, `embedding` at 55.5% (its anchors, averages of token embeddings, have a quarter of a token's
+   norm), blank-space prompt tuning at 79.0%.
 2. Standardise per dimension (z-scores over the examples) and fit a K-component Gaussian mixture by EM (diagonal or
    full covariances, `reg_covar` added to each variance; k-means++ seeding); K defaults to the number of classes.
 3. Draw `num_virtual_tokens` samples from the mixture and refine them with `svgd_steps` SVGD steps on its log-density
@@ -48,8 +51,8 @@ _VOCAB_SAMPLE = 4096
 class BayesPromptConfig:
     num_virtual_tokens: int = 16
     """Soft tokens, one per sampled feature."""
-    features: str = "embedding"
-    """Representation of an example: mean input `embedding` of its tokens, or mean `final` hidden state."""
+    features: str = "final"
+    """Representation of an example: mean `final` hidden state, or mean input `embedding` of its tokens."""
     num_components: int = 0
     """Gaussian mixture components K; 0 = one per class of the training set (at most half the examples)."""
     covariance: str = "diag"
