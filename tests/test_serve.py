@@ -33,7 +33,7 @@ TEXTS = ["a great movie with a great cast .", "bad .", "the plot was bad and the
 # ---- fixtures -----------------------------------------------------------------------------------------------------
 def _train(backbone, method, data, dev=None, **options):
     defaults = {"max_steps": 3, "batch_size": 4, "eval_every": 3, "lr": 0.05, "calibrate": "none"}
-    if method in ("prompt_tuning", "prefix_tuning", "p_tuning", "dept"):
+    if method in ("prompt_tuning", "prefix_tuning", "p_tuning", "dept", "deep_prompt"):
         defaults["num_virtual_tokens"] = 4
     if method == "dept":
         defaults["max_positions"] = 64
@@ -79,6 +79,7 @@ def tuners(tiny_llama, sst_train, sst_dev, gen_train, multi_words, tmp_path_fact
             verbalizer=single,
         ),
         "ptuning": _train(tiny_llama, "p_tuning", sst_train, sst_dev, template=TEMPLATE, verbalizer=single),
+        "deep": _train(tiny_llama, "deep_prompt", sst_train, sst_dev, template=TEMPLATE, verbalizer=single),
         "gen": _train(tiny_llama, "prompt_tuning", gen_train, template=TEMPLATE, head="generation"),
         "tags": _train(
             tiny_llama,
@@ -154,7 +155,7 @@ def _mixed_passes(server, kind: str) -> float:
 # ---- OpenAI-compatible endpoints ------------------------------------------------------------------------------------
 def test_models_lists_backbone_and_every_prompt(client):
     ids = {m.id for m in client.models.list().data}
-    assert ids == {BB} | {f"{BB}:{n}" for n in ("pt", "prefix", "dept", "ptuning", "gen", "tags", "disc")}
+    assert ids == {BB} | {f"{BB}:{n}" for n in ("pt", "prefix", "dept", "ptuning", "deep", "gen", "tags", "disc")}
 
 
 def test_completion_equals_the_prompts_own_greedy_generation(client, tuners):
@@ -216,7 +217,7 @@ def test_sampling_is_reproducible_with_a_seed(client):
 
 def test_classify_matches_the_artifacts_scores(server, tuners):
     models, _, _ = tuners
-    for name in ("pt", "prefix", "dept", "ptuning"):
+    for name in ("pt", "prefix", "dept", "ptuning", "deep"):
         status, body = raw(server, "POST", "/v1/classify", {"model": f"{BB}:{name}", "input": TEXTS})
         assert status == 200, body
         expected = models[name].predict_scores(TEXTS)
@@ -266,9 +267,10 @@ def _concurrently(server, calls):
 
 
 def test_mixed_prompt_batch_equals_each_request_alone(server, client):
-    names = ["pt", "prefix", "dept", "ptuning", "disc", "tags"]
+    names = ["pt", "prefix", "dept", "ptuning", "deep", "disc", "tags"]
     classify = [(n, t) for n in names for t in TEXTS[:2]]
-    gens = [("gen", TEXTS[0], 5), ("prefix", TEXTS[1], 9), ("dept", TEXTS[2], 3), ("pt", TEXTS[3], 7), ("", "The", 6)]
+    gens = [("gen", TEXTS[0], 5), ("prefix", TEXTS[1], 9), ("dept", TEXTS[2], 3), ("pt", TEXTS[3], 7), ("", "The", 6),
+            ("deep", TEXTS[1], 4)]
 
     def score(name, text):
         return raw(server, "POST", "/v1/classify", {"model": f"{BB}:{name}", "input": text})[1]["data"][0]["scores"]

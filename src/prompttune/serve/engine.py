@@ -99,7 +99,6 @@ class Engine:
         self._queue: deque[ScoreItem | Sequence] = deque()
         self._waiting_jobs = 0
         self._lanes: dict[object, Lane] = {}
-        self._hooked: set[int] = set()  # ids of prompts whose method acts inside the network
         self._stopping = False
         self._paused = False
         self._pieces: dict[int, str] = {}
@@ -300,9 +299,8 @@ class Engine:
                         item.job.emit("scores", item.slot, scores[rows[r].example])
 
     def _lane_key(self, prompt: LoadedPrompt) -> object:
-        if not self.cfg.mix_prompts or id(prompt) in self._hooked:
-            return prompt
-        return None
+        """All sequences decode in one lane, or (without mixing) one lane per prompt."""
+        return None if self.cfg.mix_prompts else prompt
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         rows = [s.row for s in seqs]
@@ -319,8 +317,6 @@ class Engine:
             logits = self.backbone.lm_logits(out.last_hidden_state[:, -1]).float()  # (b, V)
             position = p.inputs.position_ids[:, -1:]  # (b, 1)
             for g, pos in p.groups:
-                if p.hooked:
-                    self._hooked.add(id(g.key))
                 key = self._lane_key(g.key)  # type: ignore[arg-type]
                 lane = self._lanes.setdefault(key, Lane())
                 at = pos.to(mask.device)
@@ -356,13 +352,27 @@ class Engine:
         prompts = [s.prompt for s in lane.seqs]
         passes = plan(step, self._groups(prompts, [0] * B))
         self._record("decode", passes)
-        if len(passes) != 1 or passes[0].inputs.past_key_values is not None:
-            raise RuntimeError("a decoding step must be one pass without a new key/value prefix")
-        ready = passes[0].inputs.replace(past_key_values=lane.kv, past_attention_mask=lane.mask)
-        out = self.backbone._body(ready, use_cache=True)
-        lane.kv = _cache_tensors(out)
+        if len(passes) == 1:  # the usual case: every row in one pass, in lane order
+            lane.kv, lane.logits = self._decode_pass(passes[0], lane.kv, lane.mask)
+        else:  # a method hooks its decoding steps: its rows run apart, with their rows of the cache
+            kv: list[list[Tensor]] | None = None
+            logits = lane.logits.new_empty(B, lane.logits.shape[1])
+            for p in passes:
+                rows = _pass_rows(p).to(dev)
+                got, logits[rows] = self._decode_pass(p, tuple((k[rows], v[rows]) for k, v in lane.kv), lane.mask[rows])
+                if kv is None:
+                    kv = [[k.new_empty(B, *k.shape[1:]), v.new_empty(B, *v.shape[1:])] for k, v in got]
+                for layer, (k, v) in enumerate(got):
+                    kv[layer][0][rows], kv[layer][1][rows] = k, v
+            lane.kv, lane.logits = tuple((k, v) for k, v in kv), logits
         lane.mask = torch.cat([lane.mask, lane.mask.new_ones(B, 1)], 1)
-        lane.logits = self.backbone.lm_logits(out.last_hidden_state[:, -1]).float()  # (B, V)
+
+    def _decode_pass(self, p: Pass, kv: tuple, mask: Tensor) -> tuple[tuple[tuple[Tensor, Tensor], ...], Tensor]:
+        """One decoding step of one pass over its rows of the cache: (new cache, next-token logits (b, V))."""
+        if p.inputs.past_key_values is not None:
+            raise RuntimeError("a decoding step must not add a key/value prefix")
+        out = self.backbone._body(p.inputs.replace(past_key_values=kv, past_attention_mask=mask), use_cache=True)
+        return _cache_tensors(out), self.backbone.lm_logits(out.last_hidden_state[:, -1]).float()
 
     # ---- tokens -------------------------------------------------------------------------------------------------
     def _piece(self, token: int) -> str:
@@ -375,6 +385,13 @@ class Engine:
     def _choose(self, lane: Lane) -> list[tuple[int, float | None, list[tuple[int, float]]]]:
         """Per row: (token, its log-prob, top-k (token, log-prob)); log-probs only where requested."""
         logits = lane.logits  # (B, V)
+        constrained = [b for b, s in enumerate(lane.seqs) if getattr(s.prompt.head, "constrain", None) is not None]
+        if constrained:  # a head's decoding constraint (e.g. a label trie), row by row as the core applies it
+            logits = logits.clone()
+            for b in constrained:
+                seq = lane.seqs[b]
+                history = torch.tensor([seq.ids], dtype=torch.long, device=logits.device)  # (1, t)
+                logits[b] = seq.prompt.head.constrain(history, logits[b : b + 1])[0]
         chosen = logits.argmax(-1).tolist()
         for b, seq in enumerate(lane.seqs):
             sp = seq.sampling
@@ -405,7 +422,7 @@ class Engine:
             self.metrics.inc("prompttune_generated_tokens_total")
             before = len(seq.text)
             seq.ids.append(token)
-            seq.text = self.tokenizer.decode(seq.ids, skip_special_tokens=True)
+            seq.text = seq.prompt.head.decode(seq.ids, self.tokenizer)
             if logprob is not None:
                 seq.entries.append((self._piece(token), logprob, [(self._piece(t), v) for t, v in top], before))
             cut = _find_stop(seq.text, seq.sampling.stop, before)
@@ -489,6 +506,14 @@ def _cache_tensors(output: Any) -> tuple[tuple[Tensor, Tensor], ...]:
     cache = getattr(output, "cache", None)
     cache = cache if cache is not None else output.past_key_values
     return tuple((layer.keys, layer.values) for layer in cache.layers)
+
+
+def _pass_rows(p: Pass) -> Tensor:
+    """The batch row of each row of a pass, in pass order."""
+    rows = torch.empty(sum(len(g.rows) for g, _ in p.groups), dtype=torch.long)
+    for g, pos in p.groups:
+        rows[pos] = g.rows
+    return rows
 
 
 def _sub_batch(batch: Batch, rows: Tensor, inputs: PromptInputs, pos: Tensor, device: torch.device) -> Batch:
