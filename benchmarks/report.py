@@ -29,6 +29,8 @@ METHODS = (
     "dept",
     "ept",
     "bayesprompt",
+    "deep_prompt",
+    "iapt",
     "peft_prompt_tuning",
 )
 FULL_TEST = {"sst-2": 1821, "mr": 2000, "cr": 2000, "sst-5": 2210}

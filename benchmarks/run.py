@@ -71,6 +71,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # BayesPrompt: 16 tokens sampled from a mixture (one component per class) of the training examples' mean final
     # hidden states, then trained as they are: 9,216 parameters, like prompt tuning; only the starting tokens differ.
     "bayesprompt": ("bayesprompt", {"num_virtual_tokens": 16}),
+    # Deep prompts (P-tuning v2 style): 16 slots with a vector at each of the 30 layers = 276,480 parameters.
+    "deep_prompt": ("deep_prompt", {"num_virtual_tokens": 16}),
+    # IAPT defaults: 4 tokens generated per layer by a width-16 bottleneck from the review = 624,300 parameters.
+    "iapt": ("iapt", {}),
     "peft_prompt_tuning": ("prompt_tuning", {"num_virtual_tokens": 16}),  # our config only supplies shared settings
 }
 TEST_SUBSET_SEED = 0
