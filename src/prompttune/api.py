@@ -27,15 +27,19 @@ from .types import Example
 _SECTIONS = {"task": TaskConfig, "train": TrainConfig, "data": DataConfig}
 
 
-def split_kwargs(method: str, kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Route flat keyword arguments to the config section that declares them (method fields included)."""
+def split_kwargs(method: str, kwargs: dict[str, Any], head: str | None = None) -> dict[str, dict[str, Any]]:
+    """Route flat keyword arguments to the config section that declares them (method and head fields included)."""
     method_cls = lookup(METHODS, method, "method")
     owners = {f.name: sec for sec, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
     method_fields = {f.name for f in dataclasses.fields(method_cls.config_cls)}
-    routed: dict[str, dict[str, Any]] = {"task": {}, "train": {}, "data": {}, "method": {}}
+    head_cls = lookup(HEADS, head, "head").config_cls if head else None
+    head_fields = {f.name for f in dataclasses.fields(head_cls)} if head_cls else set()
+    routed: dict[str, dict[str, Any]] = {"task": {}, "train": {}, "data": {}, "method": {}, "head": {}}
     for key, value in kwargs.items():
         if key in method_fields:
             routed["method"][key] = value
+        elif key in head_fields:
+            routed["head"][key] = value
         elif key in owners:
             routed[owners[key]][key] = value
         else:
@@ -51,10 +55,14 @@ def make_config(
     raw["model"], raw["method"] = model, method
     if base and base.method != method:
         raw["method_config"] = {}
-    routed = split_kwargs(method, kwargs)
+    head = kwargs.get("head", raw["task"]["head"])
+    if head != raw["task"]["head"]:
+        raw["task"]["head_config"] = {}
+    routed = split_kwargs(method, kwargs, head)
     for sec in _SECTIONS:
         raw[sec].update(routed[sec])
     raw["method_config"].update(routed["method"])
+    raw["task"]["head_config"] = {**raw["task"]["head_config"], **routed["head"]}
     if raw["task"].get("verbalizer") is None:
         raw["task"].pop("verbalizer")
     return RunConfig.from_dict(raw)
@@ -73,13 +81,21 @@ def resolve_labels(task: TaskConfig, train: Sequence[Example] | None) -> list[st
     return []
 
 
-def build_model(cfg: RunConfig, backbone: Backbone, labels: Sequence[str]) -> PromptModel:
-    """Instantiate method, head and template for a backbone (random state; call `initialize` for a new run)."""
+def build_model(
+    cfg: RunConfig, backbone: Backbone, labels: Sequence[str], saved_head: dict[str, Any] | None = None
+) -> PromptModel:
+    """Instantiate method, head and template for a backbone (random state; call `initialize` for a new run).
+
+    `saved_head` is an artifact's head.json: heads whose structure was derived from data rebuild from it.
+    """
     method_cls = lookup(METHODS, cfg.method, "method")
     method_cfg = build_section(method_cls.config_cls, cfg.method_config, f"method {cfg.method}")
     head_cls = lookup(HEADS, cfg.task.head, "head")
     method = method_cls(method_cfg, backbone.spec)
-    head = head_cls.from_task(cfg.task, backbone, labels)
+    if saved_head is None:
+        head = head_cls.from_task(cfg.task, backbone, labels)
+    else:
+        head = head_cls.from_saved(saved_head, cfg.task, backbone, labels)
     template = Template(cfg.task.template, require_answer=backbone.kind == "causal_lm")
     model = PromptModel(backbone, method, head, template, cfg.task.max_length, cfg.task.truncate)
     return model.to(backbone.device)
@@ -228,7 +244,7 @@ class PromptTuner:
         head_cfg = artifacts.read_json(path / "head.json")
         tuner = cls(config=cfg, backbone=backbone, device=device)
         artifacts.check_backbone(manifest, tuner.backbone.spec, str(path))
-        tuner.model = build_model(cfg, tuner.backbone, head_cfg.get("labels", []))
+        tuner.model = build_model(cfg, tuner.backbone, head_cfg.get("labels", []), head_cfg)
         state = artifacts.load_tensors(path / "prompt.safetensors")
         try:
             tuner.model.method.load_state_dict(state)

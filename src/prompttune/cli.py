@@ -1,4 +1,4 @@
-"""`prompttune <verb>`: models, train, eval, predict, generate, export, import-peft.
+"""`prompttune <verb>`: models, train, eval, predict, generate, export, import-peft, select, ensemble.
 
 Every config flag is generated from the config dataclasses (`TaskConfig`, `TrainConfig`, `DataConfig` and the chosen
 method's config) and their attribute docstrings, so Python, YAML and the CLI share one source. `train` parses
@@ -273,6 +273,17 @@ def _train_method(argv: Sequence[str]) -> str:
     return read_run_config(known.config).method if known.config else RunConfig.method
 
 
+def _train_head(argv: Sequence[str]) -> str:
+    """The head `train` will use (flag, else YAML, else default), so its own flags can be added before parsing."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--head")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.head:
+        return known.head
+    return read_run_config(known.config).task.head if known.config else TaskConfig.head
+
+
 def _verb(verbs: Any, name: str, help_text: str, func: Any, positional: str | None = "DIR") -> argparse.ArgumentParser:
     p = verbs.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
     if positional:
@@ -284,7 +295,9 @@ def _verb(verbs: Any, name: str, help_text: str, func: Any, positional: str | No
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The full parser; `argv` decides which method's flags `train` gets."""
-    from .registry import METHODS, lookup
+    from .data.fewshot import add_select_verb
+    from .ensemble import add_ensemble_verb
+    from .registry import HEADS, METHODS, lookup
 
     parser = _Parser(prog="prompttune", description="Learn prompts for frozen pretrained models.", allow_abbrev=False)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
@@ -303,6 +316,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     taken: set[str] = set()
     fields = add_config_flags(p, method_cls.config_cls, f"method {method}", taken)
+    head = _train_head(argv[1:]) if argv[:1] == ["train"] else TaskConfig.head
+    head_cls = lookup(HEADS, head, "head")
+    if head_cls.config_cls is not None:  # the head's own options (kpt, soft_verbalizer, ...)
+        fields += add_config_flags(p, head_cls.config_cls, f"head {head}", taken)
     for name, cls in SECTIONS.items():
         fields += add_config_flags(p, cls, name, taken)
     p.set_defaults(config_fields=fields)
@@ -322,6 +339,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=run_docs["model"])
     p.add_argument("--out", required=True, metavar="DIR", help="artifact directory to write")
     p.set_defaults(config_fields=add_config_flags(p, TaskConfig, "task", set()))
+    add_select_verb(verbs, _verb)
+    add_ensemble_verb(verbs, _verb)
     from .discrete.cli import add_search_parser
 
     add_search_parser(verbs, argv)

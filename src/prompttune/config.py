@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import json
 import textwrap
 from dataclasses import dataclass, field
 from functools import cache
@@ -33,7 +34,10 @@ class TaskConfig:
     """Label -> label word(s), e.g. `{"0": [" negative"], "1": [" positive"]}`; CLI form `'0= negative,1= positive'`
     (`|` separates several words for one label). Multi-token words are scored exactly."""
     head: str = "verbalizer"
-    """How answers are scored: `verbalizer` (label words), `classifier` (linear head, PTEC) or `generation`."""
+    """How answers are scored: `verbalizer` (label words), `classifier` (linear head, PTEC), `generation`, or any
+    other registered head (`kpt`: knowledgeable verbalizer, `soft_verbalizer`: learned label embeddings)."""
+    head_config: dict[str, Any] = field(default_factory=dict)
+    """Fields of the head's own config dataclass (CLI: the head's own flags, or a JSON object here)."""
     labels: list[str] | None = None
     """Label set for the classifier head (default: the verbalizer's keys, else the labels seen in training data)."""
     multi_label: bool = False
@@ -64,12 +68,15 @@ class TaskConfig:
             "a template containing {answer}",
             self.template,
         )
-        _check(
-            self.head in ("verbalizer", "classifier", "generation", "label_generation"),
-            "head",
-            "verbalizer, classifier, generation or label_generation",
-            self.head,
-        )
+        heads = _head_names()
+        _check(self.head in heads, "head", f"one of {', '.join(heads)}", self.head)
+        if isinstance(self.head_config, str):  # the CLI form
+            try:
+                self.head_config = json.loads(self.head_config)
+            except json.JSONDecodeError:
+                self.head_config = None  # type: ignore[assignment]  # reported just below
+        _check(isinstance(self.head_config, dict), "head_config", "a mapping (JSON object)", self.head_config)
+        _check_head_config(self.head, self.head_config)
         _check(self.pooling in ("answer", "mean"), "pooling", "answer or mean", self.pooling)
         _check(
             self.calibrate in ("none", "content_free", "auto"),
@@ -88,6 +95,24 @@ class TaskConfig:
         if self.verbalizer is not None:
             self.verbalizer = parse_verbalizer(self.verbalizer)
         _check(self.max_length is None or self.max_length > 0, "max_length", "a positive integer", self.max_length)
+
+
+def _head_names() -> list[str]:
+    from . import heads  # noqa: F401  (importing the package registers every head; it does not import config)
+    from .registry import HEADS
+
+    return sorted(HEADS)
+
+
+def _check_head_config(head: str, values: dict[str, Any]) -> None:
+    """Validate the head's own options now (the head is built later), naming the head and the field."""
+    from .registry import HEADS
+
+    cls = getattr(HEADS[head], "config_cls", None)
+    if cls is None:
+        _check(not values, "head_config", f"nothing (head {head!r} has no options)", values)
+    else:
+        build_section(cls, values, f"head {head}")
 
 
 @dataclass

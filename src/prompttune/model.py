@@ -115,6 +115,11 @@ class PromptModel(nn.Module):
             past_attention_mask=None if batch.past_mask is None else batch.past_mask.to(dev),
         )
 
+    def hidden_states(self, batch: Batch) -> tuple[Tensor, Batch]:
+        """Final hidden states `(B, T, D)` with the method applied, and the batch on the model's device (for code
+        that reads more than the head's scores: label-word priors, pooled embeddings)."""
+        return self.backbone(self.method.apply(self.inputs(batch))), _to(batch, self.device)
+
     def forward(self, batch: Batch, num_examples: int) -> Tensor:
         """Scores (N, C) for classification heads, target logits (B, K, V) for the generation head."""
         hidden = self.backbone(self.method.apply(self.inputs(batch)))  # (B, T, D)

@@ -96,6 +96,8 @@ def fit(
     targets = model.head.encode_labels(train)
     if dev:
         model.head.encode_labels(dev)  # fail now, not after training, on a label the head does not cover
+    # Data-dependent head state (e.g. label-word priors) is fitted once; a resumed run restores it from the checkpoint.
+    prepared = {} if resume else model.head.prepare(model, train)
     groups = model.method.param_groups(cfg.lr) + [{"params": list(model.head.parameters()), "lr": cfg.lr}]
     groups = [g for g in groups if g["params"]]
     if not groups:  # nothing to train (the manual prompt): evaluate and tune on dev only
@@ -152,10 +154,10 @@ def fit(
     state["seconds"] += sum(step_seconds)
     if dev:
         model.load_state_dict(best_state)
-    tuned: dict[str, Any] = {}
+    tuned: dict[str, Any] = dict(prepared)
     if dev:
         dev_scores = model.scores(dev, cfg.eval_batch_size) if model.head.is_classifier else None
-        tuned = model.head.tune_on_dev(model, dev_scores, dev, calibrate) if dev_scores is not None else {}
+        tuned.update(model.head.tune_on_dev(model, dev_scores, dev, calibrate) if dev_scores is not None else {})
     model.use_prefix_cache(False)
     steps_run = max(1, sum(1 for r in state["log"] if "loss" in r))
     return FitResult(

@@ -1,6 +1,13 @@
 """Heads: verbalizer (label words), classifier (PTEC), generation (text targets)."""
 
-from . import classifier, generation, label_generation, verbalizer  # noqa: F401  (registers the heads)
+from . import (  # noqa: F401  (registers the heads)
+    classifier,
+    generation,
+    knowledgeable,
+    label_generation,
+    soft_verbalizer,
+    verbalizer,
+)
 from .base import Head
 
 __all__ = ["Head"]

@@ -19,6 +19,7 @@ class Head(nn.Module):
 
     name: ClassVar[str]
     is_classifier: ClassVar[bool] = True
+    config_cls: ClassVar[type | None] = None  # the head's own options (TaskConfig.head_config), if it has any
 
     def __init__(self, labels: Sequence[str], kind: str, multi_label: bool = False):
         super().__init__()
@@ -26,6 +27,15 @@ class Head(nn.Module):
         self.kind = kind
         self.multi_label = multi_label
         self.index = {label: i for i, label in enumerate(self.labels)}
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any], task: Any, backbone: Any, labels: Sequence[str]) -> Head:
+        """Rebuild from an artifact's head.json (heads whose structure was derived from data override this)."""
+        return cls.from_task(task, backbone, labels)  # type: ignore[attr-defined]
+
+    def prepare(self, model: Any, train: Sequence[Example]) -> dict[str, Any]:
+        """Before training (not on resume): fit data-dependent state, e.g. label-word priors; returns what was set."""
+        return {}
 
     def rows(self, prompt: Prompt, example: int, target: Any = None) -> list[Row]:
         """Rows to run for one encoded prompt (one for most heads)."""

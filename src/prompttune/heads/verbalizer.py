@@ -64,6 +64,10 @@ class VerbalizerHead(Head):
         ]
 
     def forward(self, hidden: Tensor, batch: Batch, backbone: nn.Module, num_examples: int) -> Tensor:
+        return self._class_scores(self.word_scores(hidden, batch, backbone, num_examples)) - self.prior  # (N, C)
+
+    def word_scores(self, hidden: Tensor, batch: Batch, backbone: nn.Module, num_examples: int) -> Tensor:
+        """hidden (B, T, D) -> (N, W): log-probability of each label word (all its tokens) at the answer."""
         if not self.multi_token:
             h = gather_positions(hidden, batch.read_positions[:, :1])[:, 0]  # (N, D)
             logp = F.log_softmax(backbone.lm_logits(h).float(), -1)  # (N, V)
@@ -75,7 +79,7 @@ class VerbalizerHead(Head):
             row_scores = (tok * batch.read_mask).sum(-1)  # (B,)
             word_scores = row_scores.new_full((num_examples, len(self.options)), -math.inf)
             word_scores = word_scores.index_put((batch.example, batch.option), row_scores)  # (N, W)
-        return self._class_scores(word_scores) - self.prior  # (N, C)
+        return word_scores
 
     def _class_scores(self, word_scores: Tensor) -> Tensor:
         """(N, W) word log-probs -> (N, C): log of the mean probability of each class's words."""

@@ -1,0 +1,243 @@
+"""Verbalizer families, active few-shot selection and prompt ensembles on 16-shot SST-2 (one seed per command).
+
+    python benchmarks/verbalizers.py --seed 13                 # full size: SmolLM2-135M, full test file
+    python benchmarks/verbalizers.py --model tiny-llama --test-limit 40 --pool-size 60 --k 4 --steps 4   # smoke
+
+Rows (test accuracy; dev = the seed's 16-shot dev file, used for selection and `calibrate=auto` only):
+- zero-shot manual template (method `manual`, no training): the plain verbalizer; with content-free calibration
+  (Zhao et al., 2021); the KPT verbalizer (Hu et al., 2022, arXiv 2108.02035: embedding-space expansion, frequency
+  and relevance refinement and contextualized calibration on the 32 training texts, labels unused, plain average);
+  KPT with expansion only (no refinement, no calibration); KPT plus content-free calibration;
+- prompt tuning (16 soft tokens, the main grid's settings) on the 16-shot train split with the plain verbalizer, the
+  soft verbalizer (WARP-style label embeddings) and KPT with learned word weights;
+- active selection: k examples chosen from a seeded sample of the full SST-2 training file (labels revealed only
+  for the chosen ones) by zero-shot uncertainty, frozen-embedding diversity (k-center) or at random, each with an
+  equal share per zero-shot predicted class, then prompt tuning with the plain verbalizer;
+- ensembles of all the learned prompts above: mean of probabilities and majority vote.
+
+Writes `<out>/sst-2__<seed>.json` (every row, its settings and the environment) and `<out>/sst-2__<seed>.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import run as grid  # noqa: E402  (the main grid: environment, data loading, atomic JSON)
+
+from prompttune import PromptTuner  # noqa: E402
+from prompttune.api import build_model, make_config  # noqa: E402
+from prompttune.backbones import load_backbone  # noqa: E402
+from prompttune.data.examples import load_examples  # noqa: E402
+from prompttune.data.fewshot import SelectConfig, select  # noqa: E402
+from prompttune.ensemble import PromptEnsemble  # noqa: E402
+from prompttune.evaluation import score_metrics  # noqa: E402
+from prompttune.types import Example  # noqa: E402
+
+TASK = grid.TASKS["sst-2"]  # the main grid's template and label words
+SOFT_TOKENS = 16
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=13, help="data seed (16-shot split) and training seed (default: 13)")
+    p.add_argument("--model", default=grid.MODEL, help=f"backbone (default: {grid.MODEL})")
+    p.add_argument("--data-dir", type=Path, default=HERE.parent.parent / "shared" / "data", help="data root")
+    p.add_argument("--test-limit", type=int, default=None, help="score a fixed stratified sample of N test rows")
+    p.add_argument("--pool-size", type=int, default=2000, help="pool sampled from the full train file (0 = all)")
+    p.add_argument("--k", type=int, default=16, help="examples chosen by active selection (default: 16)")
+    p.add_argument("--balance", default="predicted", help="selection balance: none, predicted, label")
+    p.add_argument("--expand", type=int, default=16, help="KPT related words per label (default: 16)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the TrainConfig default)")
+    p.add_argument("--threads", type=int, default=grid.THREADS, help="torch threads (default: 2)")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: results/verbalizers)")
+    args = p.parse_args(argv)
+    if args.out is None:  # smoke runs on tiny models never land next to the real results
+        sub = "verbalizers" if args.model == grid.MODEL else "quick/verbalizers"
+        args.out = HERE / "results" / sub
+    return args
+
+
+def full_pool(data_dir: Path, size: int, seed: int, exclude: set[str]) -> list[Example]:
+    """A seeded sample of `full/stsa.binary.train` (`<label> <text>` lines), minus sentences in `exclude`."""
+    rows = []
+    for line in (data_dir / "sst-2" / "full" / "stsa.binary.train").read_text().splitlines():
+        label, _, text = line.partition(" ")
+        if text and text not in exclude:
+            rows.append({"text": text, "label": label})
+    if size and size < len(rows):
+        rows = random.Random(seed).sample(rows, size)
+    return load_examples(rows)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.backbone = load_backbone(args.model)
+        self.train, self.dev = grid.load_split(args.data_dir, "sst-2", args.seed)
+        self.test = grid.load_test(args.data_dir, "sst-2", args.test_limit)
+        self.rows: list[dict[str, Any]] = []
+        self.learned: dict[str, PromptTuner] = {}
+
+    def options(self, **extra: Any) -> dict[str, Any]:
+        out = {"template": TASK["template"], "verbalizer": TASK["verbalizer"], "seed": self.args.seed, **extra}
+        if self.args.steps is not None:
+            out.update(max_steps=self.args.steps, eval_every=max(1, min(20, self.args.steps)))
+        return out
+
+    def record(self, name: str, group: str, test: dict[str, Any], tic: float, **info: Any) -> None:
+        row = {"row": name, "group": group, "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]}
+        row.update(seconds=round(time.perf_counter() - tic, 1), **info)
+        self.rows.append(row)
+        print(f"{name:40s} {test['accuracy']:.4f}  ({row['seconds']:.0f} s)", flush=True)
+
+    # ---- zero-shot ----------------------------------------------------------------------------------------------
+    def zero_shot(self) -> None:
+        tic = time.perf_counter()
+        tuner = PromptTuner(self.args.model, "manual", backbone=self.backbone, **self.options(calibrate="none"))
+        tuner.fit(self.train, self.dev, quiet=True)
+        model = tuner.model
+        raw = model.scores(self.test)  # (N, C)
+        self.record("manual + verbalizer", "zero-shot", score_metrics(model.head, self.test, raw), tic)
+        tic = time.perf_counter()
+        prior = model.content_free_prior()
+        cal = score_metrics(model.head, self.test, raw - prior)
+        self.record("manual + verbalizer + calibration", "zero-shot", cal, tic, prior=prior.exp().tolist())
+        kpt = {"head": "kpt", "expand": self.args.expand, "learn_weights": False}
+        variants = [
+            ("manual + kpt", {}),
+            ("manual + kpt (expansion only)", {"relevance": False, "frequency_cutoff": 0.0, "calibrate_words": False}),
+        ]
+        for name, extra in variants:
+            tic = time.perf_counter()
+            tuner = PromptTuner(
+                self.args.model, "manual", backbone=self.backbone, **self.options(calibrate="none"), **kpt, **extra
+            )
+            result = tuner.fit(self.train, self.dev, quiet=True)
+            raw = tuner.model.scores(self.test)
+            info = {"kept": result.tuned.get("kpt_kept"), "words": tuner.model.head.words}
+            self.record(name, "zero-shot", score_metrics(tuner.model.head, self.test, raw), tic, **info)
+            if not extra:
+                tic = time.perf_counter()
+                prior = tuner.model.content_free_prior()
+                cal = score_metrics(tuner.model.head, self.test, raw - prior)
+                self.record("manual + kpt + calibration", "zero-shot", cal, tic, prior=prior.exp().tolist())
+
+    # ---- prompt tuning ------------------------------------------------------------------------------------------
+    def tune(self, name: str, group: str, train: list[Example], **extra: Any) -> None:
+        tic = time.perf_counter()
+        tuner = PromptTuner(
+            self.args.model,
+            "prompt_tuning",
+            backbone=self.backbone,
+            **self.options(num_virtual_tokens=SOFT_TOKENS, **extra),
+        )
+        result = tuner.fit(train, self.dev, quiet=True)
+        self.learned[name] = tuner
+        test = tuner.evaluate(self.test)
+        self.record(
+            name,
+            group,
+            test,
+            tic,
+            dev_best=(result.best_dev or {}).get("accuracy"),
+            best_step=result.best_step,
+            calibrated=bool(result.tuned.get("calibrated")),
+            trainable_params=sum(p.numel() for p in tuner.model.parameters() if p.requires_grad),
+        )
+
+    def prompt_tuning(self) -> None:
+        self.tune("prompt_tuning + verbalizer", "16-shot", self.train)
+        self.tune("prompt_tuning + soft verbalizer", "16-shot", self.train, head="soft_verbalizer")
+        self.tune("prompt_tuning + kpt (learned weights)", "16-shot", self.train, head="kpt", expand=self.args.expand)
+
+    # ---- active selection ---------------------------------------------------------------------------------------
+    def active(self) -> None:
+        exclude = {ex.fields["sentence"] for ex in self.dev}
+        pool = full_pool(self.args.data_dir, self.args.pool_size, self.args.seed, exclude)
+        cfg = make_config(self.args.model, "manual", template=TASK["template"], verbalizer=TASK["verbalizer"])
+        model = build_model(cfg, self.backbone, list(cfg.task.verbalizer))
+        print(f"pool: {len(pool)} sentences", flush=True)
+        for strategy in ("random", "uncertainty", "diversity"):
+            tic = time.perf_counter()
+            chosen = select(
+                model,
+                pool,
+                SelectConfig(k=self.args.k, strategy=strategy, balance=self.args.balance, seed=self.args.seed),
+            )
+            picked = [pool[i] for i in chosen.indices]
+            labels = {lab: sum(ex.label == lab for ex in picked) for lab in sorted({ex.label for ex in pool})}
+            seconds = round(time.perf_counter() - tic, 1)
+            print(f"  {strategy}: chose {len(picked)} in {seconds} s, labels {labels}", flush=True)
+            self.tune(f"active {strategy} (k={self.args.k}) + prompt_tuning", "active", picked)
+            self.rows[-1].update(select_seconds=seconds, chosen_labels=labels, pool=len(pool))
+
+    # ---- ensembles ----------------------------------------------------------------------------------------------
+    def ensembles(self) -> None:
+        tic = time.perf_counter()
+        names = list(self.learned)
+        result = PromptEnsemble([self.learned[n] for n in names]).evaluate_all(self.test)
+        for how in ("mean", "vote"):
+            self.record(
+                f"ensemble of {len(names)} learned prompts ({how})", "ensemble", result[how], tic, members=names
+            )
+
+    def report(self) -> str:
+        lines = [
+            f"# Verbalizers, active selection, ensembles: SST-2 16-shot, seed {self.args.seed}, {self.args.model}",
+            "",
+            f"Test rows: {len(self.test)}. Dev (selection, calibrate=auto): the seed's 16-shot dev file.",
+            "",
+            "| group | row | test accuracy | macro-F1 | seconds |",
+            "|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            lines.append(
+                f"| {r['group']} | {r['row']} | {r['test_accuracy']:.4f} | {r['test_macro_f1']:.4f} | "
+                f"{r['seconds']:.0f} |"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    transformers.utils.logging.disable_progress_bar()
+    wall = time.perf_counter()
+    bench = Bench(args)
+    print(f"sst-2 seed {args.seed}, {args.model}, {len(bench.test)} test rows -> {args.out}", flush=True)
+    bench.zero_shot()
+    bench.prompt_tuning()
+    bench.active()
+    bench.ensembles()
+    name = f"sst-2__{args.seed}"
+    record = {
+        "dataset": "sst-2",
+        "seed": args.seed,
+        "model": args.model,
+        "n_test": len(bench.test),
+        "test_subset": "full" if args.test_limit is None else f"stratified sample, seed {grid.TEST_SUBSET_SEED}",
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "rows": bench.rows,
+        "wall_seconds": round(time.perf_counter() - wall, 1),
+        **grid.environment(),
+    }
+    grid.write_json(args.out / f"{name}.json", record)
+    (args.out / f"{name}.md").write_text(bench.report())
+    print(bench.report())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
