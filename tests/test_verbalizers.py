@@ -323,3 +323,44 @@ def test_cli_train_with_kpt_flags(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "art"), "--data", str(data), "--json"]) == 0
     assert "accuracy" in json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("head", ["kpt", "soft_verbalizer"])
+def test_resume_restores_the_heads_state(tiny_llama, sst_train, sst_dev, tmp_path, monkeypatch, head):
+    from prompttune import train as train_mod
+
+    def tuner():
+        options = {"expand": 3, "related_words": RELATED} if head == "kpt" else {}
+        return PromptTuner(
+            "tiny-llama",
+            "prompt_tuning",
+            backbone=tiny_llama,
+            head=head,
+            template="Review: {text}{soft} Sentiment:{answer}",
+            verbalizer=WORDS,
+            num_virtual_tokens=2,
+            max_steps=4,
+            eval_every=2,
+            batch_size=3,
+            lr=0.1,
+            calibrate="none",
+            **options,
+        )
+
+    full = tuner()
+    full_result = full.fit(sst_train, sst_dev, out=tmp_path / "full", quiet=True)
+    saved = train_mod._save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        saved(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_mod, "_save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            tuner().fit(sst_train, sst_dev, out=tmp_path / "run", quiet=True)
+    resumed = tuner()
+    result = resumed.fit(sst_train, sst_dev, out=tmp_path / "run", resume=True, quiet=True)
+    assert result.log == full_result.log
+    for key, value in full.model.state_dict().items():  # word priors and the refinement's mask included
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
