@@ -124,6 +124,11 @@ def test_select_uses_the_frozen_models_zero_shot_uncertainty(tiny_llama, sst_tra
     assert calibrated.indices == sorted(range(len(pool)), key=lambda i: -float(entropy(cal_probs)[i]))[:3]
     diverse = select(model, pool, SelectConfig(k=4, strategy="diversity", balance="label", seed=0))
     assert sorted(pool[i].label for i in diverse.indices) == ["0", "0", "1", "1"]
+    cache: dict = {}  # strategies compared on one pool share the forward passes
+    again = select(model, pool, SelectConfig(k=4, strategy="diversity", balance="label", seed=0), cache)
+    assert again.indices == diverse.indices and set(cache) == {"features"}
+    assert select(model, pool, SelectConfig(k=3, strategy="uncertainty"), cache).indices == calibrated.indices
+    assert set(cache) == {"features", "probs:calibrate=True"}
     with pytest.raises(PromptTuneError, match="balance=label needs a labelled pool"):
         select(
             model,

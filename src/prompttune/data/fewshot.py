@@ -204,22 +204,31 @@ def select_indices(
 
 
 # ---- signals from the frozen model ----------------------------------------------------------------------------------
-def select(model: Any, pool: Sequence[Example], cfg: SelectConfig) -> Selection:
+def select(model: Any, pool: Sequence[Example], cfg: SelectConfig, cache: dict[str, Tensor] | None = None) -> Selection:
     """Choose `cfg.k` pool examples with a frozen `PromptModel` (manual template + verbalizer head, no training).
+
+    `cache`, a dict kept between calls with the same model and pool, saves the forward passes over the pool when
+    several strategies are compared.
 
     Raises:
         PromptTuneError: k larger than the pool, `balance=label` on unlabelled examples, a head without class scores.
     """
-    need_probs = cfg.strategy == "uncertainty" or cfg.balance == "predicted"
-    probs = None
-    if need_probs:
+    cache = {} if cache is None else cache
+    probs = features = None
+    if cfg.strategy == "uncertainty" or cfg.balance == "predicted":
         if not model.head.is_classifier or not hasattr(model.head, "prior"):
             raise PromptTuneError("select: uncertainty and balance=predicted need a verbalizer head (label words)")
-        scores = model.scores(pool, cfg.batch_size)  # (N, C)
-        if cfg.calibrate:
-            scores = scores - model.content_free_prior().cpu()
-        probs = scores.softmax(-1)
-    features = model.represent(pool, "final", cfg.batch_size) if cfg.strategy == "diversity" else None
+        key = f"probs:calibrate={cfg.calibrate}"
+        if key not in cache:
+            scores = model.scores(pool, cfg.batch_size)  # (N, C)
+            if cfg.calibrate:
+                scores = scores - model.content_free_prior().cpu()
+            cache[key] = scores.softmax(-1)
+        probs = cache[key]
+    if cfg.strategy == "diversity":
+        if "features" not in cache:
+            cache["features"] = model.represent(pool, "final", cfg.batch_size)  # (N, D)
+        features = cache["features"]
     groups: list[Any] | None = None
     if cfg.balance == "predicted":
         groups = probs.argmax(-1).tolist()  # type: ignore[union-attr]
