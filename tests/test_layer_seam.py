@@ -11,8 +11,12 @@ import torch
 
 from prompttune.backbones.base import layer_hooks
 from prompttune.data.collate import collate
-from prompttune.methods.base import write_slots
+from prompttune.data.examples import load_examples
+from prompttune.methods.base import SoftPromptMethod, write_slots
+from prompttune.registry import METHODS, _ensure_loaded
 from prompttune.types import PromptInputs, Row
+
+_ensure_loaded()
 
 BACKBONES = ("tiny-llama", "tiny-gpt2", "tiny-bert")
 DECODERS = ("tiny-llama", "tiny-gpt2")
@@ -163,3 +167,14 @@ def test_layer_inputs_are_the_states_each_layer_receives(name, backbones):
     assert torch.equal(states, torch.stack(seen))
     if name == "tiny-llama":  # rotary positions: layer 0 receives the embeddings themselves
         assert torch.equal(states[0], backbone.embed(ids))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_uses_layer_hook_says_whether_apply_attaches_the_hook(method, backbones, make_model):
+    cls = METHODS[method]
+    backbone = backbones["tiny-llama" if "causal_lm" in cls.supports else "tiny-bert"]
+    model = make_model(method, backbone)
+    rows = [r for rs in model.encode(load_examples([{"text": "a good film .", "label": "1"}])) for r in rs]
+    inputs = model.method.apply(model.inputs(model.make_batch(rows)))
+    assert (inputs.layer_hook is not None) == cls.uses_layer_hook
+    assert (cls.layer_hook is not SoftPromptMethod.layer_hook) == cls.uses_layer_hook
