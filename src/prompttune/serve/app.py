@@ -134,6 +134,7 @@ class PromptServer:
             else:
                 self.metrics.observe("prompttune_request_latency_seconds", time.perf_counter() - start, endpoint=name)
             self.metrics.inc("prompttune_requests_total", endpoint=name, status=str(response.status_code))
+            _echo_id(request, response)
             return response
 
         return endpoint
@@ -185,7 +186,9 @@ class PromptServer:
     async def _http_error(self, request: Request, exc: HTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         self.metrics.inc("prompttune_requests_total", endpoint="other", status=str(exc.status_code))
-        return _error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type=kind))
+        response = _error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type=kind))
+        _echo_id(request, response)
+        return response
 
     async def _crash(self, request: Request, exc: Exception) -> Response:
         log.exception("unhandled error", exc_info=exc)
@@ -490,6 +493,13 @@ class PromptServer:
             yield "data: [DONE]\n\n"
         finally:
             job.cancelled = left > 0  # the client disconnected mid-stream: free the batch slots
+
+
+def _echo_id(request: Request, response: Response) -> None:
+    """Send a client's X-Request-Id back, so it can match answers to requests."""
+    rid = request.headers.get("x-request-id")
+    if rid and len(rid) <= 128 and rid.isascii() and rid.isprintable():
+        response.headers["X-Request-Id"] = rid
 
 
 def _event(payload: dict[str, Any]) -> str:

@@ -142,7 +142,7 @@ class PromptRegistry:
         candidates = [given] if given.is_absolute() else [d / given for d in self.allowed]
         for candidate in candidates:
             try:
-                real = candidate.resolve(strict=True)
+                real = candidate.resolve()  # symlinks and `..` resolved, whether or not the target exists
             except (OSError, RuntimeError):
                 continue
             if not any(real == d or real.is_relative_to(d) for d in self.allowed):
