@@ -9,8 +9,9 @@ the input of layer l a bottleneck generator reads the hidden states of the instr
 
 and S_l replaces the soft slots' hidden states at layer l (layer 0: written into the embeddings, as prompt tuning
 does). Pooling and down-projection are both linear, so pooling the projected states is the same map as projecting
-the pooled ones; it is just cheaper. `g_l` is a rational function in Padé form with the "safe" denominator,
-learned per layer (Molina et al., 2020, "Padé Activation Units", arXiv 1907.06732):
+the pooled ones; it is just cheaper. `g_l` is a rational function in Padé form, learned per layer, with a "safe"
+denominator that is never below 1, so the activation has no poles (rational activations as in Molina et al., 2020,
+"Padé Activation Units", arXiv 1907.06732, whose own safe variant is 1 + sum |b_k| |x|^k):
 
     g(x) = (a_0 + a_1 x + ... + a_5 x^5) / (1 + |b_1 x + ... + b_4 x^4|)
 
