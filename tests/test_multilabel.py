@@ -219,3 +219,12 @@ def test_truncation_cutting_an_emoji_still_shortens(tiny_llama):
     for limit in range(16, 90, 3):  # the template alone is 16 tokens, the untruncated prompt 89
         prompt = template.encode(example, tiny_llama.tokenizer, 0, limit, truncate=True)
         assert len(prompt.ids) <= limit
+
+
+def test_multilabel_head_starts_from_the_label_base_rates():
+    head = ClassifierHead(["a", "b", "c"], "causal_lm", hidden_size=4, multi_label=True)
+    train = [Example({"text": str(i)}, label=lab) for i, lab in enumerate([("a",), ("a", "b"), ("a",), ()])]
+    head.prepare(None, train)
+    # rates 3/4, 1/4 and 0 (clamped to 0.5/4: never an infinite logit)
+    assert torch.sigmoid(head.linear.bias).tolist() == pytest.approx([0.75, 0.25, 0.125])
+    assert head.decide(head.linear(torch.zeros(1, 4))) == [("a",)]  # only a label most examples carry
