@@ -40,6 +40,7 @@ class _HookEveryStep(SoftPromptMethod):
 
     name = "hook_every_step"
     config_cls = _HookConfig
+    uses_layer_hook = True
 
     def __init__(self, config: _HookConfig, spec):
         super().__init__(config, spec)
@@ -147,7 +148,7 @@ def test_every_method_generates_the_same_mixed_as_alone(engine, tiny_llama, make
         assert text_a == want, p.name  # the core's own greedy decoding
 
 
-def test_a_failing_method_fails_its_request_not_the_engine(engine, tiny_llama, make_model):
+def test_a_failing_request_fails_alone_not_its_batch_or_the_engine(engine, tiny_llama, make_model):
     class _Broken(SoftPromptMethod):
         name = "broken"
         config_cls = _HookConfig
@@ -156,18 +157,22 @@ def test_a_failing_method_fails_its_request_not_the_engine(engine, tiny_llama, m
             raise RuntimeError("boom")
 
     base = make_model("manual", tiny_llama, template=TEMPLATE)
-    broken = LoadedPrompt(
-        "broken", type(base)(tiny_llama, _Broken(_HookConfig(), tiny_llama.spec), base.head, base.template), "soft"
-    )
-    good = LoadedPrompt("manual", base, "soft")
+    model = type(base)(tiny_llama, _Broken(_HookConfig(), tiny_llama.spec), base.head, base.template)
+    broken, good = LoadedPrompt("broken", model, "soft"), LoadedPrompt("manual", base, "soft")
+    eos = tiny_llama.tokenizer.eos_token_id
+    requests = [_score_item(good, "bad ."), _score_item(broken, "bad ."), _gen_item(broken, "bad .", 3, eos)]
+    requests.append(_gen_item(good, "bad .", 3, eos))
+    engine.pause(True)
 
     async def main():
         loop = asyncio.get_running_loop()
-        bad_job, ok_job = Job(loop, 1), Job(loop, 1)
-        engine.submit(bad_job, _score_item(broken, "bad .")(bad_job))
-        await asyncio.wait_for(bad_job.events.get(), 30)
-        return bad_job, ok_job
+        jobs = [Job(loop, 1) for _ in requests]
+        for job, make in zip(jobs, requests, strict=True):
+            engine.submit(job, make(job))
+        engine.pause(False)
+        return [[await asyncio.wait_for(job.events.get(), 30)] for job in jobs]
 
-    bad_job, _ = asyncio.run(main())
-    assert bad_job.cancelled
+    first = asyncio.run(main())
+    assert [events[0][0] for events in first] == ["scores", "error", "error", "delta"]
+    assert first[1][0][2].status == 500 and "boom" in first[1][0][2].message
     assert _run(engine, [_score_item(good, "bad .")], paused=False)[0][0][0] == "scores"

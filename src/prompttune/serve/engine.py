@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..backbones.base import Backbone
 from ..data.collate import Batch, collate
+from ..errors import PromptTuneError
 from ..types import PromptInputs, Row
 from .batching import Group, Pass, full_mask, plan
 from .config import ServeConfig
@@ -135,7 +136,7 @@ class Engine:
 
     @property
     def active_sequences(self) -> int:
-        return sum(len(lane.seqs) for lane in self._lanes.values())
+        return sum(len(lane.seqs) for lane in tuple(self._lanes.values()))  # read from other threads too
 
     def pause(self, paused: bool) -> None:
         """Hold admissions (tests use it to queue requests that must share one batch)."""
@@ -161,10 +162,7 @@ class Engine:
                     scores, fresh = self._admit()
                 for stage, items in ((self._classify, scores), (self._prefill, fresh)):
                     if items:
-                        try:
-                            stage(items)
-                        except Exception as err:  # noqa: BLE001 - reported to its requests; the engine goes on
-                            self._fail(items, err)
+                        self._isolated(stage, items)
                 for key, lane in list(self._lanes.items()):
                     try:
                         self._step(lane)
@@ -231,11 +229,31 @@ class Engine:
         if item.job.parts == 0:
             self._waiting_jobs -= 1
 
+    def _isolated(self, stage: Any, items: list) -> None:
+        """Run a stage on a batch; if it fails, run each item alone, so one bad request fails only itself.
+
+        Stages change nothing (no event sent, no lane touched) until their computation has succeeded.
+        """
+        try:
+            stage(items)
+        except Exception as err:  # noqa: BLE001 - reported to its requests; the engine goes on
+            if len(items) == 1:
+                self._fail(items, err)
+                return
+            for item in items:
+                try:
+                    stage([item])
+                except Exception as alone:  # noqa: BLE001
+                    self._fail([item], alone)
+
     def _fail(self, items: list[ScoreItem] | list[Sequence], err: Exception) -> None:
-        log.error("engine stage failed", exc_info=err)
-        error = APIError(
-            500, f"internal error while serving the request: {type(err).__name__}: {err}", type="server_error"
-        )
+        if isinstance(err, PromptTuneError):  # the request's own input (e.g. a method that needs text it lacks)
+            error = APIError(400, str(err))
+        else:
+            log.error("engine stage failed", exc_info=err)
+            error = APIError(
+                500, f"internal error while serving the request: {type(err).__name__}: {err}", type="server_error"
+            )
         for item in items:
             item.job.cancelled = True  # its other parts stop too
             item.job.emit("error", item.slot, error)
@@ -280,10 +298,9 @@ class Engine:
                 prompts.append(item.prompt)
                 owner.append(item)
         batch = collate(rows, self.backbone.pad_id)
-        self.metrics.inc("prompttune_prompt_tokens_total", sum(len(r.ids) for r in rows))
         groups = self._groups(prompts, [len(r.soft) for r in rows])
         passes = plan(self._inputs(batch), groups)
-        self._record("classify", passes)
+        results: dict[int, tuple[ScoreItem, Tensor]] = {}
         for p in passes:
             hidden = self.backbone(p.inputs)  # (b, T, D)
             for g, pos in p.groups:
@@ -291,12 +308,12 @@ class Engine:
                 sub = _sub_batch(batch, g.rows, p.inputs, pos, hidden.device)
                 scores = prompt.head(hidden[pos.to(hidden.device)], sub, self.backbone, examples[id(prompt)])
                 scores = scores.float().cpu()  # (n, C)
-                done: set[int] = set()
                 for r in g.rows.tolist():
-                    item = owner[r]
-                    if id(item) not in done:
-                        done.add(id(item))
-                        item.job.emit("scores", item.slot, scores[rows[r].example])
+                    results[id(owner[r])] = (owner[r], scores[rows[r].example])
+        self._record("classify", passes)
+        self.metrics.inc("prompttune_prompt_tokens_total", sum(len(r.ids) for r in rows))
+        for item, scores in results.values():
+            item.job.emit("scores", item.slot, scores)
 
     def _lane_key(self, prompt: LoadedPrompt) -> object:
         """All sequences decode in one lane, or (without mixing) one lane per prompt."""
@@ -305,11 +322,10 @@ class Engine:
     def _prefill(self, seqs: list[Sequence]) -> None:
         rows = [s.row for s in seqs]
         batch = collate(rows, self.backbone.pad_id)
-        self.metrics.inc("prompttune_prompt_tokens_total", sum(len(r.ids) for r in rows))
         inputs = self._inputs(batch)
         last_index = inputs.token_index.max(dim=1, keepdim=True).values  # (B, 1) text tokens so far, per row
         passes = plan(inputs, self._groups([s.prompt for s in seqs], [len(r.soft) for r in rows]))
-        self._record("prefill", passes)
+        joining = []
         for p in passes:
             out = self.backbone._body(p.inputs, use_cache=True)
             kv = _cache_tensors(out)  # per layer (b, kvh, L, hd)
@@ -317,17 +333,14 @@ class Engine:
             logits = self.backbone.lm_logits(out.last_hidden_state[:, -1]).float()  # (b, V)
             position = p.inputs.position_ids[:, -1:]  # (b, 1)
             for g, pos in p.groups:
-                key = self._lane_key(g.key)  # type: ignore[arg-type]
-                lane = self._lanes.setdefault(key, Lane())
                 at = pos.to(mask.device)
-                lane.add(
-                    [seqs[r] for r in g.rows.tolist()],
-                    [(k[at], v[at]) for k, v in kv],
-                    mask[at],
-                    logits[at],
-                    position[at],
-                    last_index[g.rows.to(mask.device)],
-                )
+                rows_kv = [(k[at], v[at]) for k, v in kv]
+                state = (rows_kv, mask[at], logits[at], position[at], last_index[g.rows.to(mask.device)])
+                joining.append((g.key, [seqs[r] for r in g.rows.tolist()], state))
+        self._record("prefill", passes)
+        self.metrics.inc("prompttune_prompt_tokens_total", sum(len(r.ids) for r in rows))
+        for prompt, members, state in joining:  # every pass succeeded: the sequences join their lane
+            self._lanes.setdefault(self._lane_key(prompt), Lane()).add(members, *state)
 
     def _step(self, lane: Lane) -> None:
         """Emit each row's next token; drop finished rows; run one decoding step for the rest."""
