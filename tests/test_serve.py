@@ -269,8 +269,14 @@ def _concurrently(server, calls):
 def test_mixed_prompt_batch_equals_each_request_alone(server, client):
     names = ["pt", "prefix", "dept", "ptuning", "deep", "disc", "tags"]
     classify = [(n, t) for n in names for t in TEXTS[:2]]
-    gens = [("gen", TEXTS[0], 5), ("prefix", TEXTS[1], 9), ("dept", TEXTS[2], 3), ("pt", TEXTS[3], 7), ("", "The", 6),
-            ("deep", TEXTS[1], 4)]
+    gens = [
+        ("gen", TEXTS[0], 5),
+        ("prefix", TEXTS[1], 9),
+        ("dept", TEXTS[2], 3),
+        ("pt", TEXTS[3], 7),
+        ("", "The", 6),
+        ("deep", TEXTS[1], 4),
+    ]
 
     def score(name, text):
         return raw(server, "POST", "/v1/classify", {"model": f"{BB}:{name}", "input": text})[1]["data"][0]["scores"]
@@ -548,3 +554,47 @@ def test_cli_serve_finishes_in_flight_requests_on_sigterm(tuners, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- the real model (slow) ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_real_model_chat_template_and_mixed_batch(tmp_path):
+    """SmolLM2 has a chat template and sdpa attention: chat stops at its turn end, and mixed batches still agree."""
+    from prompttune.backbones import load_backbone
+
+    torch.set_num_threads(2)
+    backbone = load_backbone("smollm2-135m")
+    names = {}
+    for method in ("prompt_tuning", "prefix_tuning"):
+        tuner = PromptTuner(
+            "smollm2-135m",
+            method,
+            backbone=backbone,
+            template=TEMPLATE,
+            num_virtual_tokens=8,
+            verbalizer={"0": [" negative"], "1": [" positive"]},
+            max_steps=1,
+            batch_size=2,
+        )
+        tuner.fit([{"text": t, "label": str(i % 2)} for i, t in enumerate(TEXTS)], quiet=True)
+        names[method] = tuner.save(tmp_path / method)
+    srv = RunningServer(PromptServer(backbone, names, ServeConfig(batch_wait_ms=2)))
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        chat = client.chat.completions.create(
+            model="smollm2-135m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=40, temperature=0
+        )
+        assert chat.choices[0].message.content and "<|im_end|>" not in chat.choices[0].message.content
+
+        def one(model, text):
+            got = client.completions.create(model=model, prompt=text, max_tokens=6, temperature=0, logprobs=2)
+            return got.choices[0].text, got.choices[0].logprobs.token_logprobs
+
+        jobs = [(f"smollm2-135m:{m}", t) for m in names for t in TEXTS[:2]] + [("smollm2-135m", TEXTS[2])]
+        alone = [one(*j) for j in jobs]
+        mixed = _concurrently(srv, [lambda j=j: one(*j) for j in jobs])
+        for (text_a, lp_a), (text_m, lp_m) in zip(alone, mixed, strict=True):
+            assert text_a == text_m
+            assert max(abs(a - b) for a, b in zip(lp_a, lp_m, strict=True)) <= TOL
+    finally:
+        srv.stop()
