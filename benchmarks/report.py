@@ -53,6 +53,8 @@ PARAM_BUDGET = 9216  # 16 tokens x 576 = DePT's 8 x 576 + 4 x (576 + 576)
 def load(folder: Path) -> list[dict[str, Any]]:
     records = []
     for path in sorted(folder.glob("*.json")):
+        if path.name.startswith("serve-"):  # the serving benchmarks: a section of their own (`serve_sections`)
+            continue
         try:
             records.append(json.loads(path.read_text()))
         except (OSError, ValueError) as err:
@@ -338,9 +340,21 @@ def render(records: list[dict[str, Any]], timing: list[dict[str, Any]], results:
         "",
     ]
     lines += timing_table(timing)
+    lines += serve_sections(results)
     lines += references()
     lines += [f"![accuracy]({rel(plots / 'accuracy.png')})", "", f"![speed]({rel(plots / 'speed.png')})", ""]
     return "\n".join(lines)
+
+
+def serve_sections(results: Path) -> list[str]:
+    """The sections `serve_load.py` and `serve_soak.py` wrote into their result files (`markdown`)."""
+    lines: list[str] = []
+    for path in sorted(results.glob("serve-*.json")):
+        try:
+            lines += json.loads(path.read_text())["markdown"].splitlines() + [""]
+        except (OSError, ValueError, KeyError) as err:
+            print(f"skipping {path}: {err}", file=sys.stderr)
+    return lines
 
 
 def references() -> list[str]:

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common = ["--max-batch-size", str(args.max_batch_size), "--max-queue", str(4 * args.clients)]
     runs = []
     for mode, flags in (("mixed", []), ("by_prompt", ["--no-mix-prompts"])):
-        log = out.with_name(f"{out.stem}-{mode}.log")
+        log = work / f"server-{mode}.log"  # the server's own output, if something goes wrong
         server = ServerProcess(args.model, served if mode == "mixed" else same, args.threads, common + flags, log)
         try:
             warm_up(server.port, args.model, list(same), args.clients)

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--max-queue",
         str(4 * args.clients),
     ]
-    server = ServerProcess(args.model, prompts, args.threads, extra, out.with_name(f"{out.stem}.log"))
+    server = ServerProcess(args.model, prompts, args.threads, extra, work / "server.log")
     clients = [
         Soak(server.port, args.model, list(prompts), str(hot["p000"]), args.seed + c) for c in range(args.clients)
     ]
