@@ -379,6 +379,17 @@ def test_hot_load_refuses_paths_outside_allowed_dirs(server, request_body, statu
     assert body["error"]["message"]
 
 
+def test_hot_load_of_a_broken_artifact_is_422(server, tuners):
+    _, _, root = tuners
+    broken = root / "hot" / "broken"
+    broken.mkdir()
+    (broken / "artifact.json").write_text('{"format_version": 1, "kind": "soft"}')
+    (broken / "prompt.safetensors").write_bytes(b"not safetensors")
+    status, body = raw(server, "POST", "/v1/prompts", {"path": "broken"})
+    assert status == 422 and body["error"]["code"] == "invalid_artifact", body
+    assert raw(server, "GET", "/health")[0] == 200
+
+
 def test_hot_load_refuses_a_symlink_out_of_the_allowed_dir(server, tuners):
     _, _, root = tuners
     link = root / "hot" / "escape"
@@ -525,7 +536,7 @@ def test_cli_serve_finishes_in_flight_requests_on_sigterm(tuners, tmp_path):
         "--port",
         str(port),
         "--max-new-tokens",
-        "300",
+        "150",
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     target = type("S", (), {"host": "127.0.0.1", "port": port})()
@@ -540,7 +551,7 @@ def test_cli_serve_finishes_in_flight_requests_on_sigterm(tuners, tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
             time.sleep(0.1)
         result: dict = {}
-        body = {"model": f"{BB}:sst", "prompt": "good", "max_tokens": 300, "temperature": 0}
+        body = {"model": f"{BB}:sst", "prompt": "good", "max_tokens": 150, "temperature": 0}
         worker = threading.Thread(target=lambda: result.update(r=raw(target, "POST", "/v1/completions", body)))
         worker.start()
         time.sleep(0.3)  # the request is being decoded
@@ -548,7 +559,7 @@ def test_cli_serve_finishes_in_flight_requests_on_sigterm(tuners, tmp_path):
         worker.join(60)
         status, answer = result["r"]
         assert status == 200, answer
-        assert answer["usage"]["completion_tokens"] == 300 or answer["choices"][0]["finish_reason"] == "stop"
+        assert answer["usage"]["completion_tokens"] == 150 or answer["choices"][0]["finish_reason"] == "stop"
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from prompttune.methods.base import SoftPromptMethod
 from prompttune.registry import METHODS, _ensure_loaded
 from prompttune.serve.config import ServeConfig
-from prompttune.serve.engine import Engine, Job, ScoreItem, Sequence
+from prompttune.serve.engine import Engine, Generation, Job, ScoreItem
 from prompttune.serve.metrics import server_metrics
 from prompttune.serve.prompts import LoadedPrompt
 from prompttune.serve.protocol import Sampling
@@ -110,7 +110,7 @@ def _gen_item(prompt: LoadedPrompt, text: str, n: int, eos: int):
     encoded = prompt.encode(text, 256, "prompt")
     row = Row(encoded.ids, encoded.soft, (len(encoded.ids) - 1,))
     sampling = Sampling(n, 0.0, 1.0, 1, [], None, 2, False, False)
-    return lambda job: [Sequence(prompt, row, job, 0, sampling, frozenset({eos}))]
+    return lambda job: [Generation(prompt, row, job, 0, sampling, frozenset({eos}))]
 
 
 def test_every_method_scores_the_same_mixed_as_alone(engine, tiny_llama, make_model):

@@ -32,7 +32,7 @@ from ..errors import PromptTuneError
 from ..types import Row
 from . import responses as R
 from .config import ServeConfig
-from .engine import Engine, Job, ScoreItem, Sequence
+from .engine import Engine, Generation, Job, ScoreItem
 from .metrics import server_metrics
 from .prompts import LoadedPrompt, PromptRegistry
 from .protocol import APIError, Sampling, parse_chat, parse_classify, parse_completion, parse_load
@@ -331,7 +331,7 @@ class PromptServer:
 
     def _sequences(
         self, prompt: LoadedPrompt, rows: list[Row], sampling: Sampling, job: Job, stop_ids: frozenset[int]
-    ) -> list[Sequence]:
+    ) -> list[Generation]:
         head_stops = frozenset(getattr(prompt.head, "stop_ids", None) or ())
         seqs = []
         for i, row in enumerate(rows):
@@ -340,7 +340,7 @@ class PromptServer:
                 gen = None
                 if sampling.temperature > 0 and sampling.seed is not None:
                     gen = torch.Generator().manual_seed((sampling.seed + slot) % (1 << 63))
-                seqs.append(Sequence(prompt, row, job, slot, sampling, stop_ids | head_stops, gen))
+                seqs.append(Generation(prompt, row, job, slot, sampling, stop_ids | head_stops, gen))
         return seqs
 
     def _submit(self, job: Job, items: list) -> None:

@@ -67,7 +67,7 @@ class ScoreItem:
 
 
 @dataclass(eq=False)
-class Sequence:
+class Generation:
     """One generated choice: its prompt row, decoding options and the text produced so far."""
 
     prompt: LoadedPrompt
@@ -97,7 +97,7 @@ class Engine:
         self.backbone, self.cfg, self.metrics = backbone, cfg, metrics
         self.tokenizer = backbone.tokenizer
         self._cond = threading.Condition()
-        self._queue: deque[ScoreItem | Sequence] = deque()
+        self._queue: deque[ScoreItem | Generation] = deque()
         self._waiting_jobs = 0
         self._lanes: dict[object, Lane] = {}
         self._stopping = False
@@ -107,7 +107,7 @@ class Engine:
         self._thread.start()
 
     # ---- the HTTP side ----------------------------------------------------------------------------------------
-    def submit(self, job: Job, items: Iterable[ScoreItem | Sequence]) -> None:
+    def submit(self, job: Job, items: Iterable[ScoreItem | Generation]) -> None:
         """Queue a request's items.
 
         Raises:
@@ -192,15 +192,15 @@ class Engine:
     def _queued_rows(self) -> int:
         return sum(len(item.rows) for item in self._queue)
 
-    def _admit(self) -> tuple[list[ScoreItem], list[Sequence]]:
+    def _admit(self) -> tuple[list[ScoreItem], list[Generation]]:
         """Take queued work that fits: classification rows up to the batch size, sequences up to the free slots."""
         if self._paused:
             return [], []
         scores: list[ScoreItem] = []
-        fresh: list[Sequence] = []
+        fresh: list[Generation] = []
         score_rows, free = 0, self.cfg.max_batch_size - self.active_sequences
         only_prompt: dict[str, Any] = {}  # without mixing: the one prompt of this turn's classification pass
-        keep: deque[ScoreItem | Sequence] = deque()
+        keep: deque[ScoreItem | Generation] = deque()
         while self._queue:
             item = self._queue.popleft()
             if item.job.cancelled:
@@ -224,7 +224,7 @@ class Engine:
         self._queue = keep
         return scores, fresh
 
-    def _release(self, item: ScoreItem | Sequence) -> None:
+    def _release(self, item: ScoreItem | Generation) -> None:
         item.job.parts -= 1
         if item.job.parts == 0:
             self._waiting_jobs -= 1
@@ -246,7 +246,7 @@ class Engine:
                 except Exception as alone:  # noqa: BLE001
                     self._fail([item], alone)
 
-    def _fail(self, items: list[ScoreItem] | list[Sequence], err: Exception) -> None:
+    def _fail(self, items: list[ScoreItem] | list[Generation], err: Exception) -> None:
         if isinstance(err, PromptTuneError):  # the request's own input (e.g. a method that needs text it lacks)
             error = APIError(400, str(err))
         else:
@@ -319,7 +319,7 @@ class Engine:
         """All sequences decode in one lane, or (without mixing) one lane per prompt."""
         return None if self.cfg.mix_prompts else prompt
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
+    def _prefill(self, seqs: list[Generation]) -> None:
         rows = [s.row for s in seqs]
         batch = collate(rows, self.backbone.pad_id)
         inputs = self._inputs(batch)
@@ -424,7 +424,7 @@ class Engine:
                 out[b] = (chosen[b], float(picked[j, 0]), top)
         return out
 
-    def _push(self, seq: Sequence, choice: tuple[int, float | None, list[tuple[int, float]]]) -> bool:
+    def _push(self, seq: Generation, choice: tuple[int, float | None, list[tuple[int, float]]]) -> bool:
         """Add one token to a sequence and send what is final; returns True when the sequence has ended."""
         if seq.job.cancelled:
             return True
@@ -464,7 +464,7 @@ class Lane:
     """Sequences decoding together: a left-padded key/value cache per row, their next-token logits, positions."""
 
     def __init__(self) -> None:
-        self.seqs: list[Sequence] = []
+        self.seqs: list[Generation] = []
         self.kv: tuple[tuple[Tensor, Tensor], ...] = ()  # per layer (B, kvh, L, hd)
         self.mask = torch.zeros(0, 0, dtype=torch.long)  # (B, L)
         self.logits = torch.zeros(0, 0)  # (B, V)

@@ -171,8 +171,9 @@ class PromptRegistry:
                 raise APIError(409, f"a prompt named {name!r} is already loaded", param="name", code="name_taken")
         try:
             prompt = load_prompt(real, name, self.backbone)
-        except PromptTuneError as err:
-            raise APIError(422, f"cannot load {real.name!r}: {err}", param="path", code="invalid_artifact") from None
+        except Exception as err:  # noqa: BLE001 - an artifact is user data: any failure to read it is the user's
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise APIError(422, f"cannot load {real.name!r}: {detail}", param="path", code="invalid_artifact") from None
         with self._lock:
             if name in self._prompts:
                 raise APIError(409, f"a prompt named {name!r} is already loaded", param="name", code="name_taken")

@@ -94,7 +94,7 @@ def _stops(body: dict) -> list[str]:
 def _unsupported(body: dict, keys_and_neutral: dict[str, Any]) -> None:
     for key, neutral in keys_and_neutral.items():
         value = body.get(key)
-        if value is not None and value != neutral and not (neutral == 0 and value == 0.0):
+        if value is not None and value != neutral:
             raise APIError(400, f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
 
 
