@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from prompttune.methods.base import SoftPromptMethod
 from prompttune.registry import METHODS, _ensure_loaded
 from prompttune.serve.config import ServeConfig
-from prompttune.serve.engine import Engine, Generation, Job, ScoreItem
+from prompttune.serve.decoding import Generation
+from prompttune.serve.engine import Engine, Job, ScoreItem
 from prompttune.serve.metrics import server_metrics
 from prompttune.serve.prompts import LoadedPrompt
 from prompttune.serve.protocol import Sampling
