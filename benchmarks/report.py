@@ -341,6 +341,9 @@ def render(records: list[dict[str, Any]], timing: list[dict[str, Any]], results:
     ]
     lines += timing_table(timing)
     lines += serve_sections(results)
+    import discrete  # the discrete-prompt benchmark renders its own section (the module imports only stdlib)
+
+    lines += discrete.section(results / "discrete")
     lines += references()
     lines += [f"![accuracy]({rel(plots / 'accuracy.png')})", "", f"![speed]({rel(plots / 'speed.png')})", ""]
     return "\n".join(lines)
