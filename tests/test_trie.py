@@ -195,3 +195,8 @@ def test_generate_applies_any_constraint(tiny_llama, make_model):
     constrained = model.backbone.generate(model.inputs(batch), model.method.apply, 3, [], constrain=ban)
     assert all(ids[0] != b for ids, b in zip(constrained, banned.tolist(), strict=True))
     assert seen == [torch.Size([3, 0]), torch.Size([3, 1]), torch.Size([3, 2])]  # the tokens so far, per step
+
+
+def test_errors_name_the_labels():
+    with pytest.raises(PromptTuneError, match="labels 'sports' and 'news' have the same tokens"):
+        LabelTrie([(1, 2), (1, 2)], SEP, END, names=["sports", "news"])

@@ -52,7 +52,8 @@ class LabelGenerationHead(GenerationHead):
             return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
 
         sequences = [ids(" " + label) for label in self.labels]
-        self.trie = LabelTrie(sequences, ids(SEPARATOR), tokenizer.eos_token_id, None if multi_label else 1)
+        max_labels = None if multi_label else 1
+        self.trie = LabelTrie(sequences, ids(SEPARATOR), tokenizer.eos_token_id, max_labels, self.labels)
         self.constrain = self.trie
 
     @classmethod

@@ -47,6 +47,7 @@ class LabelTrie:
         separator: token ids between two labels (e.g. the ids of ",").
         end: the id that ends the answer (EOS).
         max_labels: most labels per answer (1 for single-label tasks; default: all of them).
+        names: label names for error messages (default: their indices).
 
     Raises:
         PromptTuneError: an empty or duplicate label sequence, or a label whose tokens continue with the separator or
@@ -54,10 +55,16 @@ class LabelTrie:
     """
 
     def __init__(
-        self, sequences: Sequence[Sequence[int]], separator: Sequence[int], end: int, max_labels: int | None = None
+        self,
+        sequences: Sequence[Sequence[int]],
+        separator: Sequence[int],
+        end: int,
+        max_labels: int | None = None,
+        names: Sequence[str] | None = None,
     ):
         if not separator:
             raise PromptTuneError("label trie: the separator tokenises to nothing")
+        self.names = [repr(n) for n in names] if names is not None else [str(i) for i in range(len(sequences))]
         self.sequences = [tuple(s) for s in sequences]
         self.separator = tuple(separator)
         self.end = end
@@ -69,23 +76,25 @@ class LabelTrie:
 
     def _add(self, label: int, seq: tuple[int, ...]) -> None:
         if not seq:
-            raise PromptTuneError(f"label trie: label {label} tokenises to nothing")
+            raise PromptTuneError(f"label trie: label {self.names[label]} tokenises to nothing")
         if self.end in seq:
-            raise PromptTuneError(f"label trie: label {label} contains the end token {self.end}")
+            raise PromptTuneError(f"label trie: label {self.names[label]} contains the end token {self.end}")
         node = self.root
         node.below.add(label)
         for token in seq:
             node = node.children.setdefault(token, _Node())
             node.below.add(label)
         if node.label is not None:
-            raise PromptTuneError(f"label trie: labels {node.label} and {label} have the same tokens {list(seq)}")
+            raise PromptTuneError(
+                f"label trie: labels {self.names[node.label]} and {self.names[label]} have the same tokens {list(seq)}"
+            )
         node.label = label
 
     def _check(self, node: _Node) -> None:
         if node.label is not None and self.separator[0] in node.children:
             raise PromptTuneError(
-                f"label trie: label {node.label} is a prefix of another label that continues with the separator "
-                f"token {self.separator[0]}; choose another separator"
+                f"label trie: label {self.names[node.label]} is a prefix of another label that continues with the "
+                f"separator token {self.separator[0]}; choose another separator"
             )
         for child in node.children.values():
             self._check(child)
