@@ -10,6 +10,16 @@ manual prompt (the template alone), positive thinking (hand-written phrases, bes
 demonstrations (balanced random sets; and TF-IDF nearest neighbours per input), PromptQuine, OPRO-style (without and
 with chain-of-thought) and every other registered optimiser asked for with `--methods` (e.g. rlprompt).
 
+The learning optimisers (rlprompt, rlprompt_pg, unsupervised, directional_stimulus) need far more calls than the
+default budget (one RLPrompt step scores 8 prompts x 8 examples); run them with their baselines at a larger budget
+into their own folder, e.g.
+
+    python benchmarks/discrete.py --datasets sst-2 --budget 2000 --test-limit 300 \
+        --methods manual,random,icl,rlprompt,rlprompt_pg,unsupervised,directional_stimulus \
+        --results benchmarks/results/discrete_rl
+
+`unsupervised` never reads the training labels (its dev selection does, like every row's).
+
 Protocol (RLPrompt, Deng et al., 2022, arXiv 2205.12548): search on the 16-per-class train file, select on the dev
 file of the same size, report test accuracy; mean (std) over data seeds. Every search spends at most `--budget` LLM
 calls (dev selection included, test excluded). One JSON per (dataset, seed, method) in `results/discrete/`, written
@@ -49,6 +59,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "opro": ("opro", {"per_step": 4}),
     "opro_cot": ("opro", {"per_step": 2, "cot": True}),
     "rlprompt": ("rlprompt", {}),
+    "rlprompt_pg": ("rlprompt", {"algorithm": "pg"}),
+    "unsupervised": ("unsupervised", {}),
+    "directional_stimulus": ("directional_stimulus", {}),
 }
 DEFAULT_METHODS = ("manual", "positive_thinking", "random", "icl", "promptquine", "opro", "opro_cot", "rlprompt")
 REFERENCE_SMALL_SST2 = {"distilGPT-2": 72.2, "GPT-2 small (124M)": 80.5}  # RLPrompt, 2-token prompts, SST-2 test

@@ -115,7 +115,9 @@ def test_policy_sampling_is_seeded_and_avoids_special_tokens(tiny_llama):
     other, _ = a.sample(6, 4, torch.Generator().manual_seed(8), top_k=50)
     assert ids.shape == (6, 4) and states.shape == (6, 4, tiny_llama.spec.hidden_size)
     assert torch.equal(ids, again) and not torch.equal(ids, other)
-    assert not a.banned[ids].any()  # no special or invisible tokens
+    assert not a.banned[ids].any()  # no special or invisible tokens, no half characters
+    text = tiny_llama.tokenizer.decode(ids[0].tolist())
+    assert text.strip() and "\ufffd" not in text
     greedy, _ = a.sample(2, 4, None)
     assert torch.equal(greedy[0], greedy[1])
     # the states are the frozen LM's: teacher forcing them reproduces the sampling logits

@@ -62,7 +62,7 @@ class RLPromptConfig:
     """Hidden units of the trainable MLP (the paper: one hidden layer of 2048)."""
     prompts_per_step: int = 8
     """Prompts sampled per step (the paper: 16)."""
-    examples_per_step: int = 16
+    examples_per_step: int = 8
     """Training examples each prompt is scored on per step, class-balanced (0 = all of them)."""
     algorithm: str = "sql"
     """`sql` (soft Q-learning, the paper's) or `pg` (REINFORCE with the z-scored reward as advantage)."""
@@ -137,8 +137,9 @@ class PromptPolicy(nn.Module):
         for i in set(getattr(tok, "all_special_ids", []) or []):
             if i < len(banned):
                 banned[i] = True
-        for i in range(min(len(tok), len(banned))):  # tokens that write nothing visible
-            if not banned[i] and not tok.decode([i]).strip():
+        for i in range(min(len(tok), len(banned))):  # tokens that write nothing visible, or half a character
+            text = tok.decode([i])
+            if not banned[i] and (not text.strip() or "\ufffd" in text):
                 banned[i] = True
         banned[len(tok) :] = True  # padded embedding rows beyond the tokenizer
         self.register_buffer("banned", banned.to(backbone.device), persistent=False)

@@ -50,7 +50,7 @@ class UnsupervisedConfig:
     """Candidate words per position: the most frequent words (3+ letters) of the unlabelled texts."""
     samples_per_step: int = 8
     """Prompts sampled per step (at least 2: the variance-reduced estimator compares them)."""
-    examples_per_step: int = 16
+    examples_per_step: int = 8
     """Unlabelled examples each sampled prompt is scored on per step (0 = all)."""
     lr: float = 0.1
     """Adam learning rate of the per-position logits."""
