@@ -212,3 +212,13 @@ def test_cli_search_then_eval_scores_the_artifact(tiny_llama, sst_train, sst_dev
     assert loaded.predict(["a great movie ."])[0] in ("0", "1")
     assert main(["search", "--optimizer", "random", "--train", str(train), "--template", TEMPLATE]) == 2
     assert "no output directory" in capsys.readouterr().err
+
+
+def test_overlong_prompts_lose_their_beginning_not_the_search(tiny_llama):
+    llm = backend(tiny_llama)
+    long = "word " * 700 + "Sentiment:"
+    fitted = llm._fit(long, 500)
+    assert long.endswith(fitted) and len(tiny_llama.tokenizer(fitted)["input_ids"]) <= 500
+    torch.testing.assert_close(
+        llm.label_logprobs([long], [" positive"]), llm.label_logprobs([llm._fit(long, 511)], [" positive"])
+    )

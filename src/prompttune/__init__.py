@@ -4,6 +4,16 @@ __version__ = "0.1.0"
 
 from .api import PromptTuner  # noqa: E402
 from .config import DataConfig, RunConfig, TaskConfig, TrainConfig  # noqa: E402
+from .discrete.api import search  # noqa: E402
 from .errors import PromptTuneError  # noqa: E402
 
-__all__ = ["DataConfig", "PromptTuneError", "PromptTuner", "RunConfig", "TaskConfig", "TrainConfig", "__version__"]
+__all__ = [
+    "DataConfig",
+    "PromptTuneError",
+    "PromptTuner",
+    "RunConfig",
+    "TaskConfig",
+    "TrainConfig",
+    "__version__",
+    "search",
+]

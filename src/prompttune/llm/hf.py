@@ -58,11 +58,23 @@ class HFBackend(LLMBackend):
 
     def _label_logprobs(self, prompts: list[str], words: list[str]) -> Tensor:
         model = self._model(words)
+        longest = max(len(ids) for _, ids in model.head.options)
+        prompts = [self._fit(p, self.backbone.spec.max_positions - longest) for p in prompts]
         examples = [Example({"text": p}, source=f"<prompt {i}>") for i, p in enumerate(prompts)]
         scores = model.scores(examples, self.config.batch_size)  # (N, W): log P(word | prompt), full-vocab softmax
         tokens = sum(len(self.tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts)
         self._charged(len(prompts), tokens, "score")
         return scores
+
+    def _fit(self, prompt: str, limit: int) -> str:
+        """Drop text from the front of a prompt longer than the context (earliest demonstrations first), as a
+        sliding-window LLM server would, instead of failing the whole search on one long candidate."""
+        head, _ = special_affixes(self.tokenizer)
+        enc = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        excess = len(head) + len(enc["input_ids"]) - limit
+        if excess <= 0:
+            return prompt
+        return prompt[enc["offset_mapping"][excess][0] :]
 
     @torch.no_grad()
     def _generate(

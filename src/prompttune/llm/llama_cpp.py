@@ -77,12 +77,10 @@ class LlamaCppBackend(LLMBackend):
             rows, tokens = [], 0
             for prompt in prompts:
                 ids = self._tokenize(prompt, bos=True)
-                longest = max(len(w) for w in word_ids)
-                if len(ids) + longest > self.config.n_ctx:
-                    raise PromptTuneError(
-                        f"prompt of {len(ids)} tokens plus a label word exceeds the llama.cpp context "
-                        f"({self.config.n_ctx}); raise n_ctx or shorten the prompt"
-                    )
+                excess = len(ids) + max(len(w) for w in word_ids) - self.config.n_ctx
+                if excess > 0:  # drop the earliest tokens (after BOS), as a sliding-window server would
+                    bos = 1 if ids and ids[0] == self.llm.token_bos() else 0
+                    ids = ids[:bos] + ids[bos + excess :]
                 rows.append(self._score(ids, word_ids))
                 tokens += len(ids)
         self._charged(len(prompts), tokens, "score")
