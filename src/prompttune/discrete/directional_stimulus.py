@@ -10,7 +10,7 @@ keyword *selector*, which is what the paper's hint writer does on its keyword ta
   context; the task model itself when it is local, else `policy_model`); a trainable MLP scores each word;
 - policy: `num_keywords` words drawn without replacement from softmax(scores) (Plackett-Luce: an exact sample via
   the Gumbel top-k trick, with an exact log-probability); greedy = the top-scored words; the hint lists them in
-  text order (`hint_template`), and fills `{hint}` of `prompt_text` (or follows it) in the template's `{prompt}`;
+  text order (`hint_template`) and replaces `{hint}` in `prompt_text`, which fills the template's `{prompt}`;
 - (a) SFT: maximise the Plackett-Luce likelihood of pseudo-hints: the words whose removal most lowers the task
   model's gap between the gold class and the best other one (`occlusion`, paid in LLM calls), or the top TF-IDF
   words (`tfidf`, free); `auto` takes occlusion when it costs at most half the calls left;
@@ -180,6 +180,43 @@ def render_hint(template: str, words: list[str], order: Sequence[int]) -> str:
     return template.replace("{keywords}", ", ".join(words[i] for i in sorted(order)))
 
 
+class HintWriter:
+    """Keyword choices -> hint texts for inputs, with each input's word features computed once (frozen LM)."""
+
+    def __init__(self, backbone: Any, column: str, config: DirectionalStimulusConfig):
+        self.backbone, self.column, self.config = backbone, column, config
+        self.features: dict[str, tuple[list[str], Tensor]] = {}  # example key -> (words, (W, D)); recomputable
+
+    def featurise(self, examples: Sequence[Example]) -> None:
+        todo = list({example_key(ex): ex for ex in examples if example_key(ex) not in self.features}.values())
+        texts = [resolve_field(ex, self.column) for ex in todo]
+        limit = self.config.max_words
+        for ex, text, feats in zip(todo, texts, word_features(self.backbone, texts, limit), strict=True):
+            self.features[example_key(ex)] = (input_words(text, limit), feats)
+
+    def scores(self, key: str, scorer: nn.Module) -> Tensor:
+        return scorer(self.features[key][1])[:, 0]  # (W,)
+
+    def hints(
+        self, examples: Sequence[Example], scorer: nn.Module, orders: dict[str, list[int]] | None = None
+    ) -> dict[str, str]:
+        """Example key -> hint: the keywords in `orders` (sampled), else the greedy choice of `scorer`."""
+        self.featurise(examples)
+        out = {}
+        for key in (example_key(ex) for ex in examples):
+            with torch.no_grad():
+                order = orders[key] if orders else pl_sample(self.scores(key, scorer), self.config.num_keywords, None)
+            out[key] = render_hint(self.config.hint_template, self.features[key][0], order) if order else ""
+        return out
+
+    def specialize(self, candidate: Candidate, examples: Sequence[Example], scorer: nn.Module) -> Candidate:
+        """Greedy hints for the optimiser's candidate (text with `{hint}`) when it has none yet; other candidates
+        (the manual prompt) are left alone."""
+        if candidate.hints or "{hint}" not in candidate.text:
+            return candidate
+        return candidate.specialized(hints=self.hints(examples, scorer))
+
+
 @register_optimizer("directional_stimulus")
 class DirectionalStimulus(PolicyOptimizer):
     config_cls = DirectionalStimulusConfig
@@ -197,7 +234,7 @@ class DirectionalStimulus(PolicyOptimizer):
         self.best_scorer = copy.deepcopy(self.scorer).requires_grad_(False)  # the best greedy policy on train so far
         self.best: list[float] | None = None  # its (score, loglik)
         self.adam = torch.optim.Adam(self.scorer.parameters(), lr=config.lr)
-        self.features: dict[str, tuple[list[str], Tensor]] = {}  # example key -> (words, (W, D)); recomputable
+        self.writer = HintWriter(self.backbone, self.column, config)
         self.targets: dict[str, list[int]] = {}  # example key -> pseudo-hint (word indices, most important first)
         self.rule = ""  # the pseudo-hint rule used (auto resolves to occlusion or tfidf)
         self.steps = 0  # RL steps
@@ -205,41 +242,19 @@ class DirectionalStimulus(PolicyOptimizer):
         self.rewards: list[float] = []
 
     # ---- hints ---------------------------------------------------------------------------------------------------
-    def featurise(self, examples: Sequence[Example]) -> None:
-        todo = [ex for ex in examples if example_key(ex) not in self.features]
-        texts = [resolve_field(ex, self.column) for ex in todo]
-        for ex, text, feats in zip(
-            todo, texts, word_features(self.backbone, texts, self.config.max_words), strict=True
-        ):
-            self.features[example_key(ex)] = (input_words(text, self.config.max_words), feats)
-
     def scores(self, key: str, scorer: nn.Module | None = None) -> Tensor:
-        return (scorer or self.scorer)(self.features[key][1])[:, 0]  # (W,)
-
-    def hints(self, examples: Sequence[Example], scorer: nn.Module, orders: dict[str, list[int]] | None = None):
-        """Example key -> hint: the keywords in `orders` (sampled), else the greedy choice of `scorer`."""
-        self.featurise(examples)
-        out = {}
-        for ex in examples:
-            key = example_key(ex)
-            with torch.no_grad():
-                order = orders[key] if orders else pl_sample(self.scores(key, scorer), self.config.num_keywords, None)
-            out[key] = render_hint(self.config.hint_template, self.features[key][0], order) if order else ""
-        return out
+        return self.writer.scores(key, scorer or self.scorer)  # (W,)
 
     def specialize(self, candidate: Candidate, examples: Sequence[Example]) -> Candidate:
-        """Hints of the best policy so far for this optimiser's candidate (text with `{hint}`) when it has none yet;
-        other candidates (the manual prompt) are left alone."""
-        if candidate.hints or "{hint}" not in candidate.text:
-            return candidate
-        return candidate.specialized(hints=self.hints(examples, self.best_scorer))
+        """The best policy so far writes the hints of `Candidate(prompt_text)` for whatever the loop scores."""
+        return self.writer.specialize(candidate, examples, self.best_scorer)
 
     def offer(self, objective: Objective) -> list[Scored]:
         """Score the current greedy policy on the training examples; when it beats the best so far it becomes the
         policy behind `Candidate(prompt_text)` (so the loop's history entry for it stays that policy's score)."""
         examples = list(objective.examples)
         shared = Candidate(self.config.prompt_text)
-        scored = objective.score([shared.specialized(hints=self.hints(examples, self.scorer))], examples)[0]
+        scored = objective.score([shared.specialized(hints=self.writer.hints(examples, self.scorer))], examples)[0]
         if self.best is not None and (scored.score, scored.loglik) <= tuple(self.best):
             return []
         self.best = [scored.score, scored.loglik]
@@ -248,21 +263,26 @@ class DirectionalStimulus(PolicyOptimizer):
 
     # ---- the step ------------------------------------------------------------------------------------------------
     def learn(self, objective: Objective) -> list[Scored]:
+        examples = list(objective.examples)
+        if any(ex.label is None for ex in examples):
+            raise PromptTuneError(
+                "directional_stimulus: every training example needs a label (pseudo-hints and "
+                "rewards compare the gold class with the others)"
+            )
         if not self.ready:
             return self.supervised(objective)
         cfg, step = self.config, self.steps
-        examples = list(objective.examples)
-        if any(ex.label is None for ex in examples):
-            raise PromptTuneError("directional_stimulus: every training example needs a label (the reward uses it)")
         gold = [self.ctx.label_of(ex) for ex in examples]
         batch = [examples[i] for i in balanced_minibatch(gold, cfg.examples_per_step, self.ctx.seed * 7_919 + step)]
-        self.featurise(batch)
+        self.writer.featurise(batch)
         gen = torch.Generator().manual_seed(self.ctx.seed * 1_000_003 + step)
         keys = [example_key(ex) for ex in batch]
         with torch.no_grad():
             orders = [{k: pl_sample(self.scores(k), cfg.num_keywords, gen) for k in keys} for _ in range(cfg.samples)]
         shared = Candidate(cfg.prompt_text)
-        scored = objective.score([shared.specialized(hints=self.hints(batch, self.scorer, o)) for o in orders], batch)
+        scored = objective.score(
+            [shared.specialized(hints=self.writer.hints(batch, self.scorer, o)) for o in orders], batch
+        )
         logprobs = torch.stack([s.logprobs for s in scored])  # (S, N, C)
         reward = gap_reward(logprobs, scored[0].gold, 1.0, 0.9)  # (S, N)
         advantage = reward - reward.mean(0, keepdim=True)  # (S, N): per-input baseline
@@ -280,7 +300,7 @@ class DirectionalStimulus(PolicyOptimizer):
     def supervised(self, objective: Objective) -> list[Scored]:
         """Stage (a): pseudo-hints, then SFT of the scorer on them; offers the SFT policy."""
         examples = list(objective.examples)
-        self.featurise(examples)
+        self.writer.featurise(examples)
         if not self.targets:
             self.targets = self.pseudo_hints(objective, examples)
         cfg = self.config
@@ -303,7 +323,7 @@ class DirectionalStimulus(PolicyOptimizer):
         for ex, key in zip(examples, keys, strict=True):
             rows.append(ex)
             owners.append((key, -1))
-            for i, word in enumerate(self.features[key][0]):
+            for i, word in enumerate(self.writer.features[key][0]):
                 rows.append(without_word(ex, self.column, word))
                 owners.append((key, i))
         left = objective.budget.remaining_calls()
@@ -312,7 +332,7 @@ class DirectionalStimulus(PolicyOptimizer):
             rule = "occlusion" if left is None or len(rows) <= left // 2 else "tfidf"
         self.rule = rule
         if rule == "tfidf":
-            found = tfidf_targets([self.features[key][0] for key in keys], k)
+            found = tfidf_targets([self.writer.features[key][0] for key in keys], k)
             return dict(zip(keys, found, strict=True))
         base = Candidate(self.config.prompt_text.replace("{hint}", ""))
         scored = objective.score([base], rows)[0]
@@ -386,19 +406,8 @@ class DirectionalStimulus(PolicyOptimizer):
         scorer = make_scorer(dim, cfg.scorer_hidden)
         scorer.load_state_dict({k[7:]: v for k, v in load_file(str(path)).items() if k.startswith("scorer.")})
 
-        def specialize(candidate: Candidate, examples: Sequence[Example]) -> Candidate:
-            if candidate.hints or "{hint}" not in candidate.text:
-                return candidate
-            texts = [resolve_field(ex, cfg.field) for ex in examples]
-            hints = {}
-            with torch.no_grad():
-                for ex, text, feats in zip(examples, texts, word_features(backbone, texts, cfg.max_words), strict=True):
-                    words = input_words(text, cfg.max_words)
-                    order = pl_sample(scorer(feats)[:, 0], cfg.num_keywords, None) if words else []
-                    hints[example_key(ex)] = render_hint(cfg.hint_template, words, order) if order else ""
-            return candidate.specialized(hints=hints)
-
-        return specialize
+        writer = HintWriter(backbone, cfg.field, cfg)
+        return lambda candidate, examples: writer.specialize(candidate, examples, scorer)
 
 
 def make_scorer(dim: int, hidden: int) -> nn.Module:

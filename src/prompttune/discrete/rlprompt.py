@@ -3,9 +3,9 @@ arXiv 2205.12548).
 
 The policy is a frozen language model with a small trainable MLP between its final hidden state and its (frozen)
 output embedding: `logits = lm_head(MLP(h_t))`. It writes `prompt_length` tokens after a fixed source token, each
-sampled from those logits (top-k, as the paper's classification runs). Every prompt is scored by the task model on a
-class-balanced minibatch of training examples; the reward is the paper's piecewise gap reward (gold class
-probability minus the best other class, x200 when right, x180 when wrong; `rewards.gap_reward`), averaged over the
+sampled from those logits (top-256, as the reference code's classification runs). Every prompt is scored by the task
+model on a class-balanced minibatch of training examples; the reward is the paper's piecewise gap reward (gold class
+probability minus the best other class, x200 when right, x180 when wrong; `rl.gap_reward`), averaged over the
 minibatch, z-score normalised across the prompts sampled for that input (the paper's reward stabilisation) and
 scaled x5 (the paper's reward shaping for classification).
 
@@ -17,10 +17,11 @@ Learning rule (`algorithm`):
 - `pg`: REINFORCE with the z-scored reward as the advantage plus an entropy bonus; simpler, documented alternative.
 
 Small-budget adaptation: the paper trains 12k steps of 16 prompts x 32 examples (~6M task-model calls); here the
-whole run fits a budget of a few thousand calls, so the defaults use fewer prompts per step and a larger learning
-rate. Each `eval_every` steps the greedy prompt is scored on all training examples and offered to the loop (the
-paper picks its final prompt by evaluating the greedy prompt on dev; the loop does that with the offered ones).
-The policy LM defaults to the task model when it is a local transformers model; set `policy_model` otherwise.
+whole run fits a budget of a few thousand calls, so the defaults use 8 prompts x 8 examples per step and a larger
+learning rate (1e-2 over ~30-50 steps moves Adam about as far as 5e-5 over 12k steps). Each `eval_every` steps the
+greedy prompt is scored on all training examples and offered to the loop (the paper picks its final prompt by
+evaluating the greedy prompt on dev; the loop does that with the offered ones). The policy LM defaults to the task
+model when it is a local transformers model (the paper: distilGPT-2); set `policy_model` otherwise.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ class RLPromptConfig:
     """Training examples each prompt is scored on per step, class-balanced (0 = all of them)."""
     algorithm: str = "sql"
     """`sql` (soft Q-learning, the paper's) or `pg` (REINFORCE with the z-scored reward as advantage)."""
-    lr: float = 1e-3
-    """Adam learning rate of the MLP (the paper: 5e-5 over 12k steps; small budgets need a larger one)."""
+    lr: float = 1e-2
+    """Adam learning rate of the MLP (the paper: 5e-5 over 12k steps; a budget of a few dozen steps needs more)."""
     top_k: int = 256
     """Sample each token from the k most likely ones (0 = the whole vocabulary)."""
     correct_coeff: float = 200.0
