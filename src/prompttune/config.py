@@ -35,7 +35,8 @@ class TaskConfig:
     (`|` separates several words for one label). Multi-token words are scored exactly."""
     head: str = "verbalizer"
     """How answers are scored: `verbalizer` (label words), `classifier` (linear head, PTEC), `generation`, or any
-    other registered head (`kpt`: knowledgeable verbalizer, `soft_verbalizer`: learned label embeddings)."""
+    other registered head (`kpt`: knowledgeable verbalizer, `soft_verbalizer`: learned label embeddings,
+    `label_generation`: label names generated under a trie constraint, only known labels come out)."""
     head_config: dict[str, Any] = field(default_factory=dict)
     """Fields of the head's own config dataclass (CLI: the head's own flags, or a JSON object here)."""
     labels: list[str] | None = None
