@@ -71,6 +71,7 @@ class LLMObjective:
         self.word_class = torch.tensor([c for c, label in enumerate(self.labels) for _ in self.words[label]])
         self.examples = list(examples)
         self.cache: dict[str, list[float]] = {}  # sha1(prompt text) -> (W,) word log-probs
+        self._prefixes: dict[str, str] = {}  # prompt text -> its candidate-independent beginning
         self.space = _LabelSpace(self.labels)
         # Fills per-example parts (hints, retrieved demonstrations) before rendering; the loop installs the
         # optimiser's `specialize`.
@@ -80,11 +81,14 @@ class LLMObjective:
     def prompt_texts(self, candidate: Candidate, examples: Sequence[Example]) -> list[str]:
         """What the LLM reads for each example: demonstrations, then the template with `{prompt}` filled."""
         candidate = self.specialize(candidate, examples)
-        keys = [example_key(ex) for ex in examples]
-        return [
-            candidate.context(k) + self.template.render_text(ex, candidate.render(k))
-            for ex, k in zip(examples, keys, strict=True)
-        ]
+        out = []
+        for ex in examples:
+            k = example_key(ex)
+            text = candidate.context(k) + self.template.render_text(ex, candidate.render(k))
+            # The part before `{prompt}` does not depend on the searched text: a local backend reuses its keys/values.
+            self._prefixes[text] = candidate.context(k) + self.template.render_text(ex, _MARK).split(_MARK)[0]
+            out.append(text)
+        return out
 
     def score(self, candidates: Sequence[Candidate], examples: Sequence[Example] | None = None) -> list[Scored]:
         """Score candidates on `examples` (default `self.examples`); see `Objective.score`."""
@@ -120,7 +124,9 @@ class LLMObjective:
             if h not in self.cache and h not in todo:
                 todo[h] = text
         if todo:
-            logprobs = self.backend.label_logprobs(list(todo.values()), self.flat_words)  # (M, W)
+            texts = list(todo.values())
+            prefixes = [self._prefixes.get(t, "") for t in texts]
+            logprobs = self.backend.label_logprobs(texts, self.flat_words, prefixes)  # (M, W)
             for h, row in zip(todo, logprobs.tolist(), strict=True):
                 self.cache[h] = row
 
@@ -164,6 +170,9 @@ class LLMObjective:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cache = {k: list(v) for k, v in state["cache"].items()}
+
+
+_MARK = "\x00"  # stands for `{prompt}` while cutting a rendered template
 
 
 def _hash(text: str) -> str:

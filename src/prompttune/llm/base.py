@@ -118,6 +118,9 @@ class BackendConfig:
     """Requests in flight at once (HTTP); local backends batch instead."""
     batch_size: int = 16
     """Prompts per forward pass (local backends)."""
+    prefix_cache: int = 256
+    """hf: keys/values of this many prompt beginnings (the text before the searched part) kept for reuse across
+    candidates; 0 = off."""
     n_ctx: int = 2048
     """llama_cpp: context length."""
     threads: int = 0
@@ -151,15 +154,21 @@ class LLMBackend:
         self.budget = budget or Budget()
 
     # ---- the protocol ----------------------------------------------------------------------------------------
-    def label_logprobs(self, prompts: Sequence[str], words: Sequence[str]) -> Tensor:
+    def label_logprobs(
+        self, prompts: Sequence[str], words: Sequence[str], prefixes: Sequence[str] | None = None
+    ) -> Tensor:
         """log P(word | prompt) for every prompt and word: (N, W) float32.
+
+        Args:
+            prefixes: optionally, a beginning of each prompt that other prompts share (the text before the searched
+                part); a backend may reuse its computation. It never changes what is scored.
 
         Raises:
             BudgetExhausted: the N calls would exceed the budget (nothing is sent).
             BackendError: the model could not be reached or answered malformed data.
         """
         self.budget.reserve(len(prompts))
-        return self._label_logprobs(list(prompts), list(words))
+        return self._label_logprobs(list(prompts), list(words), list(prefixes or [""] * len(prompts)))
 
     def generate(
         self,
@@ -189,7 +198,7 @@ class LLMBackend:
         """Release resources (threads, model handles)."""
 
     # ---- for subclasses ----------------------------------------------------------------------------------------
-    def _label_logprobs(self, prompts: list[str], words: list[str]) -> Tensor:
+    def _label_logprobs(self, prompts: list[str], words: list[str], prefixes: list[str]) -> Tensor:
         raise NotImplementedError
 
     def _generate(

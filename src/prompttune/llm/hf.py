@@ -9,6 +9,7 @@ number `prompttune eval` gives for the same text with the soft machinery.
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,11 +17,11 @@ import torch
 from torch import Tensor
 
 from ..backbones.causal_lm import _returned_cache
-from ..data.templates import Template, special_affixes
+from ..data.collate import collate
+from ..data.templates import Prompt, Template, special_affixes
 from ..heads.verbalizer import VerbalizerHead
 from ..methods.manual import Manual, ManualConfig
 from ..model import PromptModel
-from ..types import Example
 from .base import BackendConfig, Budget, LLMBackend
 
 _RAW = Template("{text}{answer}")  # the backend receives finished prompt texts
@@ -43,6 +44,7 @@ class HFBackend(LLMBackend):
         self.backbone = backbone
         self.tokenizer = backbone.tokenizer
         self._models: dict[tuple[str, ...], PromptModel] = {}
+        self._prefixes: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()  # most recently used last
         # transformers >= 5.2x renamed `past_key_values` to `cache`; accept both spellings.
         params = inspect.signature(backbone.model.forward).parameters
         self._cache_key = "cache" if "cache" in params else "past_key_values"
@@ -56,15 +58,51 @@ class HFBackend(LLMBackend):
             self._models[key] = PromptModel(self.backbone, method, head, _RAW).to(self.backbone.device)
         return self._models[key]
 
-    def _label_logprobs(self, prompts: list[str], words: list[str]) -> Tensor:
+    def _label_logprobs(self, prompts: list[str], words: list[str], prefixes: list[str]) -> Tensor:
         model = self._model(words)
         longest = max(len(ids) for _, ids in model.head.options)
         prompts = [self._fit(p, self.backbone.spec.max_positions - longest) for p in prompts]
-        examples = [Example({"text": p}, source=f"<prompt {i}>") for i, p in enumerate(prompts)]
-        scores = model.scores(examples, self.config.batch_size)  # (N, W): log P(word | prompt), full-vocab softmax
-        tokens = sum(len(self.tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts)
-        self._charged(len(prompts), tokens, "score")
+        head, _ = special_affixes(self.tokenizer)
+        encoded = [tuple(head) + tuple(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        starts = [self._shared(ids, pre) for ids, pre in zip(encoded, prefixes, strict=True)]
+        scores = torch.zeros(len(prompts), len(words))
+        # Batches of similar length, prompts with a reusable beginning apart from those without (a batch either
+        # continues cached keys/values or runs whole prompts).
+        order = sorted(range(len(prompts)), key=lambda i: (starts[i] == 0, -(len(encoded[i]) - starts[i])))
+        groups = [[i for i in order if starts[i]], [i for i in order if not starts[i]]]
+        size = self.config.batch_size
+        chunks = [g[at : at + size] for g in groups for at in range(0, len(g), size)]
+        with torch.no_grad():
+            for idx in chunks:
+                rows = [r for j, i in enumerate(idx) for r in model.head.rows(Prompt(encoded[i], ()), j)]
+                past = None
+                if starts[idx[0]]:  # a batch of prompts whose beginnings' keys/values are reused
+                    past = [self._prefix(encoded[i][: starts[i]]) for i in (idx[r.example] for r in rows)]
+                batch = collate(rows, self.backbone.pad_id, past)
+                scores[idx] = model(batch, len(idx)).float().cpu()  # (n, W): log P(word | prompt)
+        self._charged(len(prompts), sum(len(ids) for ids in encoded), "score")
         return scores
+
+    def _shared(self, ids: tuple[int, ...], prefix: str) -> int:
+        """How many leading tokens of `ids` are the prefix text's own tokens (0: no reusable beginning)."""
+        if not prefix or not self.config.prefix_cache or not self.backbone.supports_prefix_cache:
+            return 0
+        head, _ = special_affixes(self.tokenizer)
+        own = tuple(head) + tuple(self.tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        # Tokenised alone, the prefix must give the prompt's first tokens exactly (BPE may merge across the cut).
+        ok = len(own) >= 2 and len(own) < len(ids) and ids[: len(own)] == own
+        return len(own) if ok else 0
+
+    def _prefix(self, ids: tuple[int, ...]) -> Tensor:
+        """Frozen keys/values of a prompt beginning (LRU). One prefix per call, so a value never depends on which
+        other prompts were computed with it, and a resumed search sees exactly the uninterrupted one's numbers."""
+        kv = self._prefixes.pop(ids, None)
+        if kv is None:
+            kv = self.backbone.encode_prefixes([list(ids)])[0]  # (layers, 2, kvh, L, hd)
+        self._prefixes[ids] = kv
+        while len(self._prefixes) > self.config.prefix_cache:
+            self._prefixes.popitem(last=False)
+        return kv
 
     def _fit(self, prompt: str, limit: int) -> str:
         """Drop text from the front of a prompt longer than the context (earliest demonstrations first), as a

@@ -68,7 +68,7 @@ class LlamaCppBackend(LLMBackend):
         self._lock = threading.Lock()  # one llama.cpp context: calls must not interleave
 
     # ---- scoring ----------------------------------------------------------------------------------------------------
-    def _label_logprobs(self, prompts: list[str], words: list[str]) -> Tensor:
+    def _label_logprobs(self, prompts: list[str], words: list[str], prefixes: list[str]) -> Tensor:
         with self._lock:
             word_ids = [self._tokenize(w, bos=False) for w in words]
             for w, ids in zip(words, word_ids, strict=True):

@@ -50,7 +50,7 @@ class OpenAIBackend(LLMBackend):
         self.api_key = _read_key(config.api_key_file)
 
     # ---- protocol ---------------------------------------------------------------------------------------------------
-    def _label_logprobs(self, prompts: list[str], words: list[str]) -> Tensor:
+    def _label_logprobs(self, prompts: list[str], words: list[str], prefixes: list[str]) -> Tensor:
         score = self._score_text if self.config.scoring == "text" else self._score_logprobs
         rows = self._parallel(lambda p: score(p, words), prompts)
         return torch.tensor(rows, dtype=torch.float32)  # (N, W)
