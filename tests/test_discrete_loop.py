@@ -229,11 +229,13 @@ def test_reused_prompt_beginnings_give_the_same_scores(tiny_llama, sst_train, mu
     cached = HFBackend(BackendConfig(model="tiny-llama", prefix_cache=4), backbone=tiny_llama)
     words = [w for ws in multi_words.values() for w in ws]  # multi-token words: several rows per prompt
     prefixes = [f"Review: {r['text']}\n" for r in sst_train]
-    for cand in ("", "Think.\n", "a b c\n"):
-        prompts = [p + cand + "Sentiment:" for p in prefixes]
-        expected = plain.label_logprobs(prompts, words)
-        torch.testing.assert_close(cached.label_logprobs(prompts, words, prefixes), expected, atol=1e-5, rtol=0)
+    prompts = [p + cand + "Sentiment:" for cand in ("", "Think.\n", "a b c\n") for p in prefixes]
+    expected = plain.label_logprobs(prompts, words)
+    torch.testing.assert_close(cached.label_logprobs(prompts, words, prefixes * 3), expected, atol=1e-5, rtol=0)
     assert len(cached._prefixes) == 4  # least recently used beginnings are dropped
+    before = list(cached._prefixes)
+    cached.label_logprobs(prompts[:2], words, prefixes[:2])
+    assert list(cached._prefixes) == before  # each beginning used once in the call: a plain batch, nothing cached
     assert cached._shared(cached.tokenizer("abc")["input_ids"], "a") == 0  # too short to be worth a cache entry
     ids = tuple(cached.tokenizer("Review: good fun .\nSentiment:")["input_ids"])
     assert cached._shared(ids, "Review: good fu") == 0  # the cut splits a token: tokenised alone it differs

@@ -9,7 +9,7 @@ number `prompttune eval` gives for the same text with the soft machinery.
 from __future__ import annotations
 
 import inspect
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,7 +64,11 @@ class HFBackend(LLMBackend):
         prompts = [self._fit(p, self.backbone.spec.max_positions - longest) for p in prompts]
         head, _ = special_affixes(self.tokenizer)
         encoded = [tuple(head) + tuple(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-        starts = [self._shared(ids, pre) for ids, pre in zip(encoded, prefixes, strict=True)]
+        # Reuse a beginning only when this call holds it at least twice (several candidates on one example): a
+        # lone prompt is cheaper in a plain batch, and the choice never depends on what earlier calls cached, so a
+        # resumed search takes exactly the uninterrupted one's path.
+        uses = Counter(prefixes)
+        starts = [self._shared(ids, pre) if uses[pre] > 1 else 0 for ids, pre in zip(encoded, prefixes, strict=True)]
         scores = torch.zeros(len(prompts), len(words))
         # Batches of similar length, prompts with a reusable beginning apart from those without (a batch either
         # continues cached keys/values or runs whole prompts).
