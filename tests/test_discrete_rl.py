@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from prompttune import PromptTuneError
 from prompttune.cli import main
 from prompttune.config import TaskConfig
 from prompttune.data.examples import load_examples
@@ -29,7 +30,7 @@ from prompttune.discrete.directional_stimulus import (
 )
 from prompttune.discrete.loop import CHECKPOINT, SearchConfig, make_context
 from prompttune.discrete.loop import search as run_loop
-from prompttune.discrete.rl import gap, gap_reward, vr_policy_gradient_weights, zscore
+from prompttune.discrete.rl import gap, gap_reward, policy_backbone, vr_policy_gradient_weights, zscore
 from prompttune.discrete.rlprompt import PromptPolicy, RLPrompt, RLPromptConfig, pg_loss, sql_loss
 from prompttune.discrete.unsupervised import pseudo_label_loss, reliable_pseudo_labels
 from prompttune.llm.base import BackendConfig
@@ -141,6 +142,15 @@ def test_rlprompt_state_round_trip(tiny_llama, sst_train, sst_dev):
     opt.step(objective), copy.step(objective2)  # the next steps of the original and of the restored copy agree
     assert opt.state_dict() == copy.state_dict() and len(opt.rewards) == 4
     assert all(torch.equal(copy.tensors()[k], v) for k, v in opt.tensors().items())
+
+
+def test_policy_lm_other_than_the_task_model(tiny_llama, sst_train, sst_dev):
+    with pytest.raises(PromptTuneError, match="policy_model"):
+        policy_backbone(object(), None)  # a black-box backend offers no local LM: the user must name one
+    ctx, objective = context(tiny_llama, sst_train, sst_dev)
+    opt = RLPrompt(RLPromptConfig(**{**CHEAP["rlprompt"], "policy_model": "tiny-gpt2", "eval_every": 1}), ctx)
+    offered = opt.step(objective)  # GPT-2-style policy tokens, decoded to text, scored by tiny-llama
+    assert opt.policy.backbone.spec.name == "tiny-gpt2" and offered[0].candidate.text.endswith("\n")
 
 
 @pytest.mark.parametrize("algorithm", ["sql", "pg"])
