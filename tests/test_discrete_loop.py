@@ -239,3 +239,19 @@ def test_reused_prompt_beginnings_give_the_same_scores(tiny_llama, sst_train, mu
     assert cached._shared(cached.tokenizer("abc")["input_ids"], "a") == 0  # too short to be worth a cache entry
     ids = tuple(cached.tokenizer("Review: good fun .\nSentiment:")["input_ids"])
     assert cached._shared(ids, "Review: good fu") == 0  # the cut splits a token: tokenised alone it differs
+
+
+def test_artifact_template_is_the_whole_prompt(tiny_llama, sst_train, sst_dev, tmp_path):
+    result = run_search(tiny_llama, sst_train, sst_dev, "icl", out=tmp_path / "icl", budget=400)
+    prompt = json.loads((tmp_path / "icl" / "prompt.json").read_text())
+    filled = Template(prompt["template"])
+    loaded = DiscretePrompt.load(tmp_path / "icl", backbone=tiny_llama)
+    examples = load_examples(sst_dev)
+    assert [filled.render_text(e) for e in examples] == loaded.prompt_texts(examples)
+    assert result.best.demos  # the demonstrations are part of that template
+
+
+def test_an_optimiser_out_of_new_candidates_stops(tiny_llama, sst_train, sst_dev):
+    # 8 training examples, one demonstration per class: few distinct sets, re-proposals are cached and free.
+    result = run_search(tiny_llama, sst_train, sst_dev, "icl", budget=2000, max_idle_steps=3)
+    assert result.stopped == "stalled" and result.calls < 2000

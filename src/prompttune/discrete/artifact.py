@@ -1,7 +1,9 @@
 """Discrete-prompt artifacts: the same directory of plain files as soft prompts, with `kind: "discrete"`.
 
     artifact.json    {"format_version": 1, "kind": "discrete", "method": <optimizer>, "backend": {...}, ...}
-    prompt.json      {"text": ..., "hints": {...}?, "token_ids": [...]?, "extra": {...}}
+    prompt.json      {"text": ..., "demos": ...?, "token_ids": [...]?, "extra": {...}, "template": ...?}
+                     (`template`: demonstrations + the task template with `{prompt}` filled, when the prompt has no
+                     per-example parts)
     method_config.json  template.json  head.json  run.yaml  metrics.json  [optimizer.safetensors]
 
 `DiscretePrompt.load(dir)` rebuilds the backend from `run.yaml` and scores with the search's own objective, so
@@ -46,6 +48,11 @@ def write_artifact(
     if tokenizer is not None:
         prompt["token_ids"] = tokenizer(best.text, add_special_tokens=False)["input_ids"]
     prompt["extra"] = optimizer.export(best)
+    if optimizer.specializer(prompt["extra"], backend, str(out)) is None and "{hint}" not in best.text:
+        # No per-example parts: the whole prompt is one template, which any soft-prompt front end (the server) can
+        # run as the manual method. Braces of the searched text are escaped: it is data, not template syntax.
+        esc = lambda text: text.replace("{", "{{").replace("}", "}}")  # noqa: E731
+        prompt["template"] = esc(best.demos) + task.template.replace("{prompt}", esc(best.text))
     manifest = {
         "format_version": artifacts.FORMAT_VERSION,
         "kind": "discrete",

@@ -60,6 +60,8 @@ class SearchConfig:
     """Seed of every random choice; the same seed gives the same result with the local backends."""
     proposer_model: str | None = None
     """A second model, on the same backend, that writes proposals (OPRO); default: the task model."""
+    max_idle_steps: int = 20
+    """Stop when this many steps in a row made no LLM call (the optimiser only re-proposed scored candidates)."""
     select_top: int = 4
     """How many of the best candidates (by training score) are re-scored on dev; the manual prompt always is."""
     p1: int = 0
@@ -76,6 +78,10 @@ class SearchConfig:
                 raise PromptTuneError(
                     f"config field {name!r}: expected a non-negative integer, got {getattr(self, name)!r}"
                 )
+        if self.max_idle_steps < 1:
+            raise PromptTuneError(
+                f"config field 'max_idle_steps': expected a positive integer, got {self.max_idle_steps}"
+            )
         if self.p1_probes < 2:
             raise PromptTuneError(f"config field 'p1_probes': expected at least 2, got {self.p1_probes!r}")
         if not self.budget and not self.max_steps:
@@ -92,7 +98,7 @@ class SearchResult:
     calls: int  # LLM calls during the search and dev selection (the budgeted ones)
     tokens: int
     seconds: float
-    stopped: str  # "budget", "max_steps" or "done"
+    stopped: str  # "budget", "max_steps", "done" or "stalled"
     candidates: list[dict[str, Any]] = field(default_factory=list)  # dev-scored finalists, best first
     out: str | None = None
 
@@ -190,6 +196,7 @@ def search(
         if config.max_steps and state["step"] >= config.max_steps:
             state["stopped"] = "max_steps"
             break
+        calls_before = budget.calls
         try:
             scored = optimizer.step(objective)
         except BudgetExhausted as err:
@@ -199,6 +206,11 @@ def search(
             break
         state["step"] += 1
         _remember(state, scored, state["step"])
+        # Re-proposing scored candidates is free (cached), so an optimiser that has run out of new ideas would
+        # never exhaust the budget: stop after `max_idle_steps` steps without a single LLM call.
+        state["idle"] = 0 if budget.calls > calls_before else state.get("idle", 0) + 1
+        if state["idle"] >= config.max_idle_steps:
+            state["stopped"] = "stalled"
         best = _best(state)
         entry = {"step": state["step"], "scored": len(scored), "best_train": best["score"], **budget.state_dict()}
         entry["best_candidate"] = best["candidate"]["text"][:200]
