@@ -27,7 +27,7 @@ from ..errors import PromptTuneError
 from ..llm.base import BackendConfig, LLMBackend, load_backend
 from ..registry import OPTIMIZERS, lookup
 from ..types import Example
-from .base import Candidate
+from .base import Candidate, DiscreteOptimizer
 from .objective import LLMObjective
 
 
@@ -48,7 +48,8 @@ def write_artifact(
     if tokenizer is not None:
         prompt["token_ids"] = tokenizer(best.text, add_special_tokens=False)["input_ids"]
     prompt["extra"] = optimizer.export(best)
-    if optimizer.specializer(prompt["extra"], backend, str(out)) is None and "{hint}" not in best.text:
+    per_example = type(optimizer).specializer.__func__ is not DiscreteOptimizer.specializer.__func__
+    if not (per_example and prompt["extra"]) and "{hint}" not in best.text:
         # No per-example parts: the whole prompt is one template, which any soft-prompt front end (the server) can
         # run as the manual method. Braces of the searched text are escaped: it is data, not template syntax.
         esc = lambda text: text.replace("{", "{{").replace("}", "}}")  # noqa: E731

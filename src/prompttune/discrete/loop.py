@@ -13,7 +13,6 @@ ends the search cleanly: everything scored so far stays a candidate.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -179,14 +178,7 @@ def search(
         if state["p1"] is not None:
             objective.examples = p1_subset.restrict(train, state["p1"])
     else:
-        try:
-            _remember(state, objective.score([Candidate("")]), 0)  # the manual prompt is a candidate from the start
-            if config.p1:
-                chosen = p1_subset.select(objective, optimizer, ctx, config.p1, config.p1_probes, config.seed)
-                state["p1"] = [ex_key for ex_key in chosen]
-                objective.examples = p1_subset.restrict(train, state["p1"])
-        except BudgetExhausted as err:
-            raise PromptTuneError(f"the budget does not cover the first scoring of the manual prompt: {err}") from None
+        _begin(state, config, optimizer, objective, ctx)
         _checkpoint(out, config, optimizer, objective, state, tic)
     bar = tqdm(total=config.max_steps or None, initial=state["step"], disable=quiet, desc="search", dynamic_ncols=True)
     while state["stopped"] is None:
@@ -221,6 +213,20 @@ def search(
     bar.close()
     _checkpoint(out, config, optimizer, objective, state, tic)
     return _finish(config, task, backend, optimizer, objective, state, dev, test, out, tic, run_config)
+
+
+def _begin(
+    state: dict[str, Any], config: SearchConfig, optimizer: DiscreteOptimizer, objective: LLMObjective, ctx: Any
+) -> None:
+    """Score the manual prompt (a candidate from the start) and, with p1, choose the training subset."""
+    try:
+        _remember(state, objective.score([Candidate("")]), 0)
+        if config.p1:
+            state["p1"] = p1_subset.select(objective, optimizer, ctx, config.p1, config.p1_probes, config.seed)
+            objective.examples = p1_subset.restrict(ctx.train, state["p1"])
+    except BudgetExhausted as err:
+        what = "the manual prompt and the p1 probes" if config.p1 else "the manual prompt"
+        raise PromptTuneError(f"the budget does not cover scoring {what} on the training data: {err}") from None
 
 
 def _finish(
@@ -389,7 +395,3 @@ def _words_of(examples: Sequence[Example]) -> list[str]:
             for word in value.split():
                 seen.setdefault(" " + word, None)
     return list(seen)
-
-
-def config_fields(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
