@@ -255,3 +255,15 @@ def test_an_optimiser_out_of_new_candidates_stops(tiny_llama, sst_train, sst_dev
     # 8 training examples, one demonstration per class: few distinct sets, re-proposals are cached and free.
     result = run_search(tiny_llama, sst_train, sst_dev, "icl", budget=2000, max_idle_steps=3)
     assert result.stopped == "stalled" and result.calls < 2000
+
+
+def test_token_budget_and_held_back_calls():
+    budget = Budget(max_calls=10, max_tokens=100, held_back=4)
+    assert budget.remaining_calls() == 6
+    budget.add(5, 120, "score")
+    with pytest.raises(BudgetExhausted, match="token budget exhausted: 120 of 100"):
+        budget.reserve(1)
+    budget.max_tokens = 0
+    with pytest.raises(BudgetExhausted, match=r"5 of 10 LLM calls used \(4 held back for dev selection\), 2 more"):
+        budget.reserve(2)
+    budget.reserve(1)
