@@ -94,8 +94,6 @@ def run_cell(dataset: str, seed: int, name: str, args: argparse.Namespace, llm: 
     split = DATA / dataset / "16-shot" / f"16-{seed}"
     runs = args.results / "runs" / f"{dataset}__{seed}__{name}"
     resume = (runs / "checkpoint.json").is_file()
-    llm.budget.calls = llm.budget.tokens = 0
-    llm.budget.by_kind = {}
     tic = time.perf_counter()
     result = search(
         split / "train.tsv", split / "dev.tsv", test, optimizer=optimizer, out=runs, resume=resume, quiet=True,

@@ -56,11 +56,15 @@ def test_generation_and_pieces(llama):
     assert len(llama.vocabulary()) > 40_000
 
 
-def test_a_search_runs_on_llama_cpp(llama, sst_train, sst_dev, tmp_path):
+def test_a_search_runs_on_llama_cpp_and_repeats_with_its_seed(llama, sst_train, sst_dev, tmp_path):
     from prompttune.discrete.api import search
 
-    result = search(
-        sst_train, sst_dev, sst_dev, optimizer="random", llm=llama, budget=60, select_top=1, per_step=2,
-        template="Review: {text}\n{prompt}Sentiment:{answer}", verbalizer="0= negative,1= positive", out=tmp_path,
-    )  # fmt: skip
-    assert result.calls <= 60 and result.test["accuracy"] >= 0.5
+    def run(out):
+        return search(
+            sst_train, sst_dev, sst_dev, optimizer="random", llm=llama, budget=60, select_top=1, per_step=2,
+            template="Review: {text}\n{prompt}Sentiment:{answer}", verbalizer="0= negative,1= positive", out=out,
+        )  # fmt: skip
+
+    first, second = run(tmp_path / "a"), run(tmp_path / "b")
+    assert first.calls <= 60 and first.test["accuracy"] >= 0.5
+    assert (first.best, first.dev, first.test) == (second.best, second.dev, second.test)

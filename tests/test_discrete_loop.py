@@ -267,3 +267,11 @@ def test_token_budget_and_held_back_calls():
     with pytest.raises(BudgetExhausted, match=r"5 of 10 LLM calls used \(4 held back for dev selection\), 2 more"):
         budget.reserve(2)
     budget.reserve(1)
+
+
+def test_a_backend_serves_several_searches_each_with_its_own_budget(tiny_llama, sst_train, sst_dev):
+    llm = backend(tiny_llama)
+    options = {"optimizer": "random", "budget": 100, "select_top": 1, "per_step": 2, "llm": llm}
+    first = search(sst_train, sst_dev, template=TEMPLATE, verbalizer=VERBALIZER, **options)
+    second = search(sst_train, sst_dev, template=TEMPLATE, verbalizer=VERBALIZER, **options)
+    assert first.calls == second.calls and first.best == second.best

@@ -161,6 +161,7 @@ def search(
     budget = backend.budget
     if proposer is not None and proposer.budget is not budget:
         proposer.budget = budget  # one budget for every LLM the search calls
+    budget.reset()  # the budget is per search (a resumed one restores its counters from the checkpoint)
     budget.max_calls, budget.max_tokens = config.budget, config.max_tokens
     optimizer = build_optimizer(config, ctx)
     objective.specialize = optimizer.specialize

@@ -81,6 +81,10 @@ class Budget:
             self.tokens += tokens
             self.by_kind[kind] = self.by_kind.get(kind, 0) + calls
 
+    def reset(self) -> None:
+        """Zero the counters (a new search on a backend that has served before)."""
+        self.calls, self.tokens, self.by_kind = 0, 0, {}
+
     def state_dict(self) -> dict[str, Any]:
         return {"calls": self.calls, "tokens": self.tokens, "by_kind": dict(self.by_kind)}
 
