@@ -60,7 +60,8 @@ class SearchConfig:
     proposer_model: str | None = None
     """A second model, on the same backend, that writes proposals (OPRO); default: the task model."""
     max_idle_steps: int = 20
-    """Stop when this many steps in a row made no LLM call (the optimiser only re-proposed scored candidates)."""
+    """Stop a population optimiser (ask/tell) after this many steps in a row without an LLM call (it only
+    re-proposed scored candidates)."""
     select_top: int = 4
     """How many of the best candidates (by training score) are re-scored on dev; the manual prompt always is."""
     p1: int = 0
@@ -199,10 +200,11 @@ def search(
             break
         state["step"] += 1
         _remember(state, scored, state["step"])
-        # Re-proposing scored candidates is free (cached), so an optimiser that has run out of new ideas would
-        # never exhaust the budget: stop after `max_idle_steps` steps without a single LLM call.
+        # Re-proposing scored candidates is free (cached), so a population optimiser that has run out of new ideas
+        # would never exhaust the budget: stop after `max_idle_steps` steps without a single LLM call. (Learning
+        # optimisers override `step` and may train for steps without calls; they end by budget, steps or `done`.)
         state["idle"] = 0 if budget.calls > calls_before else state.get("idle", 0) + 1
-        if state["idle"] >= config.max_idle_steps:
+        if state["idle"] >= config.max_idle_steps and type(optimizer).step is DiscreteOptimizer.step:
             state["stopped"] = "stalled"
         best = _best(state)
         entry = {"step": state["step"], "scored": len(scored), "best_train": best["score"], **budget.state_dict()}
