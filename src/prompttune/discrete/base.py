@@ -12,6 +12,10 @@ An optimiser is one small file: a config dataclass (attribute docstrings: they b
   candidates on whatever examples (e.g. a sampled minibatch) and return the `Scored` results worth keeping as
   candidates for the final selection on dev.
 
+Scoring a candidate twice is free (cached), so a population optimiser that only re-proposes known candidates is
+stopped after `SearchConfig.max_idle_steps` call-free steps; a learning optimiser must end through the budget,
+`max_steps` or `done`.
+
 Per-example prompt parts (directional-stimulus hints, retrieved demonstrations) come from `specialize(candidate,
 examples)`, which the objective calls before every scoring; `specializer` rebuilds it from a saved artifact.
 
