@@ -53,7 +53,7 @@ PARAM_BUDGET = 9216  # 16 tokens x 576 = DePT's 8 x 576 + 4 x (576 + 576)
 def load(folder: Path) -> list[dict[str, Any]]:
     records = []
     for path in sorted(folder.glob("*.json")):
-        if path.name.startswith("serve-"):  # the serving benchmarks: a section of their own (`serve_sections`)
+        if path.name.startswith(("serve-", "multilabel-")):  # sections of their own (`serve_sections`, ...)
             continue
         try:
             records.append(json.loads(path.read_text()))
@@ -340,6 +340,7 @@ def render(records: list[dict[str, Any]], timing: list[dict[str, Any]], results:
         "",
     ]
     lines += timing_table(timing)
+    lines += multilabel_section(results)
     lines += serve_sections(results)
     import discrete  # the discrete-prompt benchmark renders its own section (the module imports only stdlib)
 
@@ -347,6 +348,37 @@ def render(records: list[dict[str, Any]], timing: list[dict[str, Any]], results:
     lines += references()
     lines += [f"![accuracy]({rel(plots / 'accuracy.png')})", "", f"![speed]({rel(plots / 'speed.png')})", ""]
     return "\n".join(lines)
+
+
+def multilabel_section(results: Path) -> list[str]:
+    """`multilabel.py`'s results (PTEC on the 22-label hate-speech set): one row per variant."""
+    rows = []
+    for path in sorted(results.glob("multilabel-*.json")):
+        try:
+            r = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            print(f"skipping {path}: {err}", file=sys.stderr)
+            continue
+        t = r["test"]
+        rows.append(
+            f"| {r['variant']} | {r.get('head', '–')} | {fmt(t['macro_f1'], 3)} | {fmt(t['micro_f1'], 3)} | "
+            f"{fmt(t['jaccard'], 3)} | {fmt(t.get('labels_per_example'), 2)} | {r.get('steps', '–')} | "
+            f"{fmt(r.get('seconds_per_step'), 2)} | {r.get('trainable_params', 0):,} |"
+        )
+    if not rows:
+        return []
+    return [
+        "## Multi-label: PTEC on hate speech (22 labels)",
+        "",
+        "`python benchmarks/multilabel.py` (seed 13; train 2338 / dev 313 / test 556 comments of "
+        "`../shared/data/hatespeech-multilabel`, SmolLM2-135M; threshold and step chosen on dev only). Macro-F1, "
+        "micro-F1 and sample-wise Jaccard on the full test split.",
+        "",
+        "| variant | head | macro-F1 | micro-F1 | Jaccard | labels/example | steps | s/step | trainable params |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+    ]
 
 
 def serve_sections(results: Path) -> list[str]:
