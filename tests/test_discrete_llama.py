@@ -42,10 +42,10 @@ def test_label_logprobs_agree_with_the_dequantized_model(llama, hf):
     assert (fast[:, 1] - fast[:, 0]).argmax() == 0 and (fast[:, 1] - fast[:, 0]).argmin() == 1
 
 
-def test_prefix_reuse_does_not_change_scores(llama):
+def test_scores_do_not_depend_on_the_previous_prompt(llama):
     forward = llama.label_logprobs(PROMPTS, WORDS)
     backward = llama.label_logprobs(PROMPTS[::-1], WORDS).flip(0)
-    torch.testing.assert_close(forward, backward, atol=1e-4, rtol=0)
+    torch.testing.assert_close(forward, backward, atol=0, rtol=0)
     assert llama.budget.by_kind["score"] >= 6
 
 
@@ -61,10 +61,10 @@ def test_a_search_runs_on_llama_cpp_and_repeats_with_its_seed(llama, sst_train, 
 
     def run(out):
         return search(
-            sst_train, sst_dev, sst_dev, optimizer="random", llm=llama, budget=60, select_top=1, per_step=2,
+            sst_train, sst_dev, sst_dev, optimizer="random", llm=llama, budget=40, select_top=1, per_step=2,
             template="Review: {text}\n{prompt}Sentiment:{answer}", verbalizer="0= negative,1= positive", out=out,
         )  # fmt: skip
 
     first, second = run(tmp_path / "a"), run(tmp_path / "b")
-    assert first.calls <= 60 and first.test["accuracy"] >= 0.5
+    assert first.calls <= 40 and first.test["accuracy"] >= 0.5
     assert (first.best, first.dev, first.test) == (second.best, second.dev, second.test)

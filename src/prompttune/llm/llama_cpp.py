@@ -2,8 +2,8 @@
 
 SmolLM2-135M prefills ~400 tok/s here against ~23 tok/s for transformers (MODELS.md). Label words are scored
 exactly: the prompt is evaluated once, the first token of every word is read from its last position, and the other
-tokens of multi-token words are teacher-forced after it. Consecutive prompts share their longest common token prefix
-in llama.cpp's KV cache (template text before the example), so only the rest is evaluated.
+tokens of multi-token words are teacher-forced after it (reusing the prompt's keys/values). Each prompt starts from
+an empty context, so its scores never depend on the prompt scored before it.
 
 Trap (MODELS.md): `Llama.scores` holds logits only when the model is opened with `logits_all=True`; without it the
 rows read back as zeros and every word gets the same log-prob. The backend always sets it and checks the row.
@@ -11,6 +11,7 @@ rows read back as zeros and every word gets the same log-prob. The backend alway
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,10 @@ class LlamaCppBackend(LLMBackend):
     def __init__(self, config: BackendConfig, budget: Budget | None = None, llama: Any = None):
         super().__init__(config, budget)
         if llama is None:
+            # llama.cpp's OpenMP workers spin-wait by default; on a CPU shared with other processes (torch's own
+            # threads included) each multi-token evaluation then stalled ~8 s here. Passive waiting must be set
+            # before the OpenMP runtime loads with the library.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             try:
                 import llama_cpp
             except ImportError:
@@ -87,6 +92,10 @@ class LlamaCppBackend(LLMBackend):
         return torch.tensor(rows, dtype=torch.float32)  # (N, W)
 
     def _score(self, ids: list[int], word_ids: list[list[int]]) -> list[float]:
+        # Every prompt starts from an empty context: llama.cpp's numbers depend on how a sequence was split into
+        # evaluation batches (measured: up to 0.2 in log-prob when a previous prompt's beginning is reused), and a
+        # score must not depend on which prompt came before it (same seed, same result; exact resume).
+        self.llm.reset()
         self._eval(ids)
         first = self._logprobs(len(ids) - 1)  # (V,)
         out = []
@@ -100,7 +109,8 @@ class LlamaCppBackend(LLMBackend):
         return out
 
     def _eval(self, ids: list[int]) -> None:
-        """Make the context hold exactly `ids`, evaluating only what differs from what it holds now."""
+        """Make the context hold exactly `ids`, evaluating only what differs from what it holds now (within one
+        prompt: the word tokens teacher-forced after it)."""
         llm = self.llm
         held = list(llm.input_ids[: llm.n_tokens])
         keep = 0
