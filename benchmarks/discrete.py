@@ -58,7 +58,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "promptquine": ("promptquine", {"shots_per_class": 2, "population": 6, "offspring": 4}),
     "opro": ("opro", {"per_step": 4}),
     "opro_cot": ("opro", {"per_step": 2, "cot": True}),
-    "rlprompt": ("rlprompt", {}),
+    # Small steps so that a few hundred calls still make several policy updates (the paper: 16 prompts x 32 inputs).
+    "rlprompt": ("rlprompt", {"prompts_per_step": 4, "examples_per_step": 8, "eval_every": 2}),
     "rlprompt_pg": ("rlprompt", {"algorithm": "pg"}),
     "unsupervised": ("unsupervised", {}),
     "directional_stimulus": ("directional_stimulus", {}),
