@@ -609,3 +609,29 @@ def test_real_model_chat_template_and_mixed_batch(tmp_path):
             assert max(abs(a - b) for a, b in zip(lp_a, lp_m, strict=True)) <= TOL
     finally:
         srv.stop()
+
+
+def test_discrete_prompt_with_demonstrations_serves_its_whole_filled_template(server, client, tuners):
+    """In-context demonstrations live in prompt.json's filled `template`; serving only `text` would drop them."""
+    _, _, root = tuners
+    path = _write_discrete(root / "hot" / "demos", "")
+    demos = "Review: a joy .\nSentiment: positive\n\n"
+    saved = json.loads((path / "prompt.json").read_text())
+    saved.update(demos=demos, template=demos + "Review: {text} Sentiment:{answer}")
+    (path / "prompt.json").write_text(json.dumps(saved))
+    status, body = raw(server, "POST", "/v1/prompts", {"path": "demos"})
+    assert status == 200, body
+    status, body = raw(server, "POST", "/v1/classify", {"model": f"{BB}:demos", "input": "good fun ."})
+    assert status == 200, body
+    got = client.completions.create(
+        model=BB, prompt=demos + "Review: good fun . Sentiment:", max_tokens=1, temperature=0, logprobs=512
+    )
+    assert abs(body["data"][0]["scores"]["1"] - got.choices[0].logprobs.top_logprobs[0][" positive"]) <= TOL
+
+
+def test_discrete_prompt_with_per_example_parts_is_refused(server, tuners):
+    _, _, root = tuners
+    _write_discrete(root / "hot" / "hinted", "Keywords: {hint}")
+    status, body = raw(server, "POST", "/v1/prompts", {"path": "hinted"})
+    assert status == 422 and "per-example parts" in body["error"]["message"], body
+    assert raw(server, "GET", "/health")[0] == 200

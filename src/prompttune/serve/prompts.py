@@ -218,8 +218,17 @@ def _load_discrete(path: Path, name: str, backbone: Backbone, manifest: dict[str
     template = spec.get("template")
     if not isinstance(template, str):
         raise PromptTuneError(f"{path}/template.json: field 'template' must be a string")
-    literal = text.replace("{hint}", "").replace("{", "{{").replace("}", "}}")  # the text is data, not template syntax
-    filled = template.replace("{prompt}", literal)
+    filled = prompt.get("template")  # the whole prompt (demonstrations included), already escaped by the search
+    if not isinstance(filled, str):
+        if prompt.get("demos") or prompt.get("extra") or "{hint}" in text:
+            # Per-example parts (retrieved demonstrations, hints written by a policy) need the search's optimiser at
+            # prediction time; serving only the text would silently answer a different prompt.
+            raise PromptTuneError(
+                f"{path}/prompt.json: this prompt has per-example parts (demos/hints) and no filled 'template'; "
+                "score it with `prompttune eval` instead of serving it"
+            )
+        literal = text.replace("{", "{{").replace("}", "}}")  # the text is data, not template syntax
+        filled = template.replace("{prompt}", literal)
     labels = [str(label) for label in head_cfg.get("labels", [])]
     task = TaskConfig(
         template=filled,
