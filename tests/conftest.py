@@ -180,3 +180,10 @@ def make_tuner() -> Callable[..., PromptTuner]:
 def make_model() -> Callable[..., PromptModel]:
     """`make_model(method, backbone, head=None, template=None, verbalizer=None, noise=0.2, seed=0, **method_kw)`."""
     return _make_model
+
+
+def prompt_inputs(backbone: Backbone, rows: Any, hook: Any = None) -> Any:
+    """Collated rows as the backbone runs them, with an optional per-layer hook (tests of the layer seam)."""
+    from prompttune.data.collate import collate
+
+    return backbone.inputs(collate(rows, backbone.pad_id)).replace(layer_hook=hook)

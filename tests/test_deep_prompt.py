@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import prompt_inputs
 
-from prompttune.data.collate import collate
 from prompttune.methods.base import InitContext
 from prompttune.methods.deep_prompt import DeepPrompt, DeepPromptConfig
 from prompttune.types import PromptInputs, Row
@@ -21,15 +21,7 @@ INIT_TEXT = "Label: negative. Label: positive."
 
 
 def _inputs(backbone, rows=ROWS) -> PromptInputs:
-    batch = collate(rows, backbone.pad_id)
-    return PromptInputs(
-        inputs_embeds=backbone.embed(batch.input_ids),
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        soft_positions=batch.soft_positions,
-        token_index=batch.token_index,
-        read_positions=batch.read_positions,
-    )
+    return prompt_inputs(backbone, rows)
 
 
 def received(backbone, inputs):

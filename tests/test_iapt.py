@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import prompt_inputs
 
 from prompttune import PromptTuneError
-from prompttune.data.collate import collate
 from prompttune.data.examples import load_examples
 from prompttune.methods.base import InitContext
 from prompttune.methods.iapt import FIT_RANGE, IAPT, IAPTConfig, fit_rational, rational
@@ -24,15 +24,7 @@ ROWS = [
 
 
 def _inputs(backbone, rows=ROWS) -> PromptInputs:
-    batch = collate(rows, backbone.pad_id)
-    return PromptInputs(
-        inputs_embeds=backbone.embed(batch.input_ids),
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        soft_positions=batch.soft_positions,
-        token_index=batch.token_index,
-        read_positions=batch.read_positions,
-    )
+    return prompt_inputs(backbone, rows)
 
 
 def _method(backbone, seed=0, **config) -> IAPT:

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 import torch
+from conftest import prompt_inputs
 
 from prompttune.backbones.base import layer_hooks
-from prompttune.data.collate import collate
 from prompttune.data.examples import load_examples
 from prompttune.methods.base import SoftPromptMethod, write_slots
 from prompttune.registry import METHODS, _ensure_loaded
@@ -28,16 +28,7 @@ ROWS = [
 
 
 def _inputs(backbone, rows=ROWS, hook=None) -> PromptInputs:
-    batch = collate(rows, backbone.pad_id)
-    return PromptInputs(
-        inputs_embeds=backbone.embed(batch.input_ids),
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        soft_positions=batch.soft_positions,
-        token_index=batch.token_index,
-        read_positions=batch.read_positions,
-        layer_hook=hook,
-    )
+    return prompt_inputs(backbone, rows, hook)
 
 
 def _pre_hooks(backbone) -> int:

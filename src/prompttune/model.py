@@ -99,21 +99,7 @@ class PromptModel(nn.Module):
     # ---- forward --------------------------------------------------------------------------------------------
     def inputs(self, batch: Batch) -> PromptInputs:
         """Batch -> PromptInputs on the backbone's device (before the method is applied)."""
-        dev = self.device
-        ids = batch.input_ids.to(dev)
-        past = None
-        if batch.past is not None:
-            past = tuple((k.to(dev), v.to(dev)) for k, v in batch.past)
-        return PromptInputs(
-            inputs_embeds=self.backbone.embed(ids),
-            attention_mask=batch.attention_mask.to(dev),
-            position_ids=batch.position_ids.to(dev),
-            soft_positions=batch.soft_positions.to(dev),
-            token_index=batch.token_index.to(dev),
-            read_positions=batch.read_positions.to(dev),
-            past_key_values=past,
-            past_attention_mask=None if batch.past_mask is None else batch.past_mask.to(dev),
-        )
+        return self.backbone.inputs(batch)
 
     def hidden_states(self, batch: Batch) -> tuple[Tensor, Batch]:
         """Final hidden states `(B, T, D)` with the method applied, and the batch on the model's device (for code

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..data.collate import Batch
 from ..errors import PromptTuneError
 from ..registry import BACKBONES, lookup
 from ..types import BackboneSpec, PromptInputs
@@ -62,6 +63,23 @@ class Backbone(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def inputs(self, batch: Batch) -> PromptInputs:
+        """Batch -> PromptInputs on this backbone's device (before any method is applied)."""
+        dev = self.device
+        past = None
+        if batch.past is not None:
+            past = tuple((k.to(dev), v.to(dev)) for k, v in batch.past)
+        return PromptInputs(
+            inputs_embeds=self.embed(batch.input_ids.to(dev)),
+            attention_mask=batch.attention_mask.to(dev),
+            position_ids=batch.position_ids.to(dev),
+            soft_positions=batch.soft_positions.to(dev),
+            token_index=batch.token_index.to(dev),
+            read_positions=batch.read_positions.to(dev),
+            past_key_values=past,
+            past_attention_mask=None if batch.past_mask is None else batch.past_mask.to(dev),
+        )
 
     def embed(self, ids: Tensor) -> Tensor:
         """Token ids (...,) -> input embeddings (..., D), including any model-specific scaling."""

@@ -235,17 +235,6 @@ class Engine:
             item.job.emit("error", item.slot, error)
 
     # ---- batches ------------------------------------------------------------------------------------------------
-    def _inputs(self, batch: Batch) -> PromptInputs:
-        dev = self.backbone.device
-        return PromptInputs(
-            inputs_embeds=self.backbone.embed(batch.input_ids.to(dev)),
-            attention_mask=batch.attention_mask.to(dev),
-            position_ids=batch.position_ids.to(dev),
-            soft_positions=batch.soft_positions.to(dev),
-            token_index=batch.token_index.to(dev),
-            read_positions=batch.read_positions.to(dev),
-        )
-
     def _groups(self, prompts: list[LoadedPrompt], widths: list[int]) -> list[Group]:
         """Rows of each prompt (by identity), in order of first appearance."""
         index: dict[int, list[int]] = {}
@@ -275,7 +264,7 @@ class Engine:
                 owner.append(item)
         batch = collate(rows, self.backbone.pad_id)
         groups = self._groups(prompts, [len(r.soft) for r in rows])
-        passes = plan(self._inputs(batch), groups)
+        passes = plan(self.backbone.inputs(batch), groups)
         results: dict[int, tuple[ScoreItem, Tensor]] = {}
         for p in passes:
             hidden = self.backbone(p.inputs)  # (b, T, D)
@@ -298,7 +287,7 @@ class Engine:
     def _prefill(self, seqs: list[Generation]) -> None:
         rows = [s.row for s in seqs]
         batch = collate(rows, self.backbone.pad_id)
-        inputs = self._inputs(batch)
+        inputs = self.backbone.inputs(batch)
         last_index = inputs.token_index.max(dim=1, keepdim=True).values  # (B, 1) text tokens so far, per row
         passes = plan(inputs, self._groups([s.prompt for s in seqs], [len(r.soft) for r in rows]))
         joining = []
