@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .config import DataConfig, RunConfig, TaskConfig, TrainConfig, field_docs
+from .config import DataConfig, RunConfig, TaskConfig, TrainConfig, field_docs, read_yaml_mapping
 from .errors import PromptTuneError
 
 SECTIONS = {"task": TaskConfig, "train": TrainConfig, "data": DataConfig}
@@ -82,18 +82,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str, tak
 
 def read_run_config(path: str | Path) -> RunConfig:
     """A RunConfig from a YAML file (same structure as `RunConfig.from_dict`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PromptTuneError(f"{path}: no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise PromptTuneError(f"{where}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
-    if not isinstance(raw, dict):
-        raise PromptTuneError(f"{path}: expected a mapping of config sections, got {type(raw).__name__}")
-    return RunConfig.from_dict(raw, where=str(path))
+    return RunConfig.from_dict(read_yaml_mapping(path), where=str(path))
 
 
 # ---- verbs ----------------------------------------------------------------------------------------------------------

@@ -13,7 +13,10 @@ import json
 import textwrap
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from .errors import PromptTuneError
 
@@ -211,6 +214,22 @@ class RunConfig:
             kwargs[key] = build_section(section_cls, raw.pop(key, {}) or {}, f"{where}: {key}")
         kwargs.update(raw)
         return cls(**kwargs)
+
+
+def read_yaml_mapping(path: str | Path, what: str = "config sections") -> dict[str, Any]:
+    """A YAML file's top-level mapping; errors name the file (and line:column for syntax errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptTuneError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise PromptTuneError(f"{where}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(raw, dict):
+        raise PromptTuneError(f"{path}: expected a mapping of {what}, got {type(raw).__name__}")
+    return raw
 
 
 def build_section(cls: type, values: dict[str, Any], where: str) -> Any:

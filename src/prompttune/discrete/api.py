@@ -6,6 +6,9 @@ routing), e.g.
     ...                 model="smollm2-135m", optimizer="promptquine", budget=2000, out="runs/pq",
     ...                 template="Review: {text}\\n{prompt}Sentiment:{answer}", verbalizer="0= negative,1= positive")
     >>> result.best.to_dict(), result.test
+
+or from a YAML file laid out like the `run.yaml` every search artifact holds (so a finished search can be rerun
+as it was, or edited and rerun): `search(**read_search_config("configs/search/sst2_promptquine.yaml"))`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..config import DataConfig, TaskConfig, build_section
+from ..config import DataConfig, TaskConfig, build_section, read_yaml_mapping
 from ..data.examples import find_split, load_examples
 from ..errors import PromptTuneError
 from ..llm.base import BackendConfig, LLMBackend, load_backend
@@ -71,10 +74,11 @@ def search(
         llm: an already built task backend (default: built from `backend`, `model`, ... options).
         proposer: an already built proposer backend (OPRO; default: `proposer_model`, else the task model).
         **kwargs: fields of `SearchConfig`, `BackendConfig`, the task (`template`, `verbalizer`, ...) and the
-            optimiser's config, flat.
+            optimiser's config, flat; `optimizer_config` may also be given as one mapping.
     """
+    base = kwargs.pop("optimizer_config", None) or {}  # a mapping (YAML); flat optimiser options override it
     routed = route(optimizer, {**kwargs, "optimizer": optimizer})
-    routed["search"]["optimizer_config"] = routed.pop("optimizer")
+    routed["search"]["optimizer_config"] = {**base, **routed.pop("optimizer")}
     config = build_section(SearchConfig, routed["search"], "search")
     task = build_section(TaskConfig, routed["task"], "task")
     data = build_section(DataConfig, routed["data"], "data")
@@ -101,6 +105,47 @@ def search(
         "data": {"train": _name(train), "dev": _name(dev), "test": _name(test)},
     }
     return run_loop(config, task, backend, train_ex, dev_ex, test_ex, out, resume, quiet, proposer, run)
+
+
+def read_search_config(path: str | Path) -> dict[str, Any]:
+    """`search()` keyword arguments from a YAML file with the sections of an artifact's `run.yaml`.
+
+    Sections: `search` (`SearchConfig`, with `optimizer` and its `optimizer_config`), `backend` (`BackendConfig`),
+    `task` (template, verbalizer, label_field, max_length, truncate), `data` (train/dev/test paths) and an optional
+    top-level `out`. The other task fields a `run.yaml` lists (head, pooling, ...) mean nothing to a discrete search:
+    they are accepted at their defaults and refused otherwise. Unknown keys are errors naming the file and section.
+    """
+    raw = read_yaml_mapping(path, "sections (search, backend, task, data)")
+    known = {*SECTIONS, "out"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise PromptTuneError(f"{path}: unknown section(s) {unknown}; expected some of {sorted(known)}")
+    out: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        values = raw.get(section) or {}
+        if not isinstance(values, dict):
+            raise PromptTuneError(f"{path}: section {section!r}: expected a mapping, got {type(values).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in values.items():
+            where = f"{path}: {section}.{key}"
+            if key not in fields:
+                raise PromptTuneError(f"{where}: unknown key; expected some of {sorted(fields)}")
+            if section == "task" and key not in TASK_FIELDS:
+                if value != _default(fields[key]):
+                    raise PromptTuneError(f"{where}: a discrete search does not use it (only {', '.join(TASK_FIELDS)})")
+                continue
+            if key == "optimizer_config" and not isinstance(value, dict):
+                raise PromptTuneError(f"{where}: expected a mapping of the optimiser's fields")
+            if section == "data" and value == "<memory>":  # a run.yaml of a search given in-memory rows
+                raise PromptTuneError(f"{where}: the search used in-memory data; give a file path")
+            out[key] = value
+    if raw.get("out") is not None:
+        out["out"] = str(raw["out"])
+    return out
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _name(data: Any) -> str | None:

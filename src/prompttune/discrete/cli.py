@@ -4,6 +4,11 @@
         --train data/sst-2/16-shot/16-13/train.tsv --dev data/sst-2/16-shot/16-13/dev.tsv \\
         --template 'Review: {text}\\n{prompt}Sentiment:{answer}' --verbalizer '0= negative,1= positive' --out runs/pq
 
+or from a YAML file laid out like an artifact's `run.yaml` (flags override it; `--config runs/pq/run.yaml` reruns
+a finished search as it was):
+
+    prompttune search --config configs/search/sst2_promptquine.yaml --budget 800 --out runs/pq2
+
 Flags come from the config dataclasses (`SearchConfig`, `BackendConfig`, the task fields, `DataConfig`) and the
 chosen optimiser's config, exactly as `train` builds its flags, so `--help` lists every option with its docstring.
 """
@@ -18,10 +23,16 @@ from ..errors import PromptTuneError
 
 
 def _optimizer(argv: Sequence[str]) -> str:
+    """The optimiser `search` will use (flag, else YAML, else random), so its flags can be added before parsing."""
+    from .api import read_search_config
+
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--optimizer", default="random")
+    pre.add_argument("--optimizer")
+    pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
-    return known.optimizer
+    if known.optimizer:
+        return known.optimizer
+    return (read_search_config(known.config) if known.config else {}).get("optimizer", "random")
 
 
 def add_search_parser(verbs: Any, argv: Sequence[str]) -> None:
@@ -36,6 +47,7 @@ def add_search_parser(verbs: Any, argv: Sequence[str]) -> None:
     name = _optimizer(argv[1:]) if argv[:1] == ["search"] else "random"
     opt_cls = lookup(OPTIMIZERS, name, "optimizer")
     p = cli._verb(verbs, "search", "search a discrete (text) prompt for a black-box or local LLM", cmd_search, None)
+    p.add_argument("--config", metavar="SEARCH_YAML", help="YAML search config (e.g. a run.yaml); flags override it")
     p.add_argument("--out", metavar="DIR", help="artifact directory (also holds checkpoint.json and search.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -56,13 +68,19 @@ def add_search_parser(verbs: Any, argv: Sequence[str]) -> None:
 def cmd_search(args: argparse.Namespace) -> dict[str, Any]:
     """Run a search, score the test file once, write the artifact."""
     from .. import cli
-    from .api import search
+    from .api import read_search_config, search
 
-    values = {n: getattr(args, n) for n in args.config_fields if hasattr(args, n)}
-    if not args.out:
-        raise PromptTuneError("no output directory: pass --out DIR")
+    values = read_search_config(args.config) if args.config else {}
+    flags = {n: getattr(args, n) for n in args.config_fields if hasattr(args, n)}
+    if flags.get("optimizer", values.get("optimizer")) != values.get("optimizer"):
+        values.pop("optimizer_config", None)  # the YAML's optimiser options belong to another optimiser
+    values.update(flags)  # flat optimiser flags override the YAML's optimizer_config inside search()
+    out = args.out or values.get("out")
+    values.pop("out", None)
+    if not out:
+        raise PromptTuneError("no output directory: pass --out DIR (or set `out:` in the config)")
     optimizer = values.pop("optimizer", "random")
-    result = search(optimizer=optimizer, out=args.out, resume=args.resume, quiet=args.quiet, **values)
+    result = search(optimizer=optimizer, out=out, resume=args.resume, quiet=args.quiet, **values)
     rows = [
         ["optimizer", optimizer],
         ["prompt", repr(result.best.text)[:100]],
@@ -77,5 +95,5 @@ def cmd_search(args: argparse.Namespace) -> dict[str, Any]:
         if metrics:
             key = metrics["primary_metric"]
             rows.append([f"{split} {key}", f"{metrics[key]:.4f}"])
-    cli._print_table(args, ["", ""], rows + [["artifact", str(args.out)]], header=False)
+    cli._print_table(args, ["", ""], rows + [["artifact", str(out)]], header=False)
     return result.summary()
