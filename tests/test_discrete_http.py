@@ -18,7 +18,7 @@ from prompttune.discrete.api import search
 from prompttune.discrete.artifact import DiscretePrompt
 from prompttune.llm.base import BackendConfig, BackendError, Budget, BudgetExhausted
 from prompttune.llm.hf import HFBackend
-from prompttune.llm.openai_http import OpenAIBackend, _answer_word, _match
+from prompttune.llm.openai_http import OpenAIBackend, _answer_word, _piece, _word_logprob
 
 PROMPTS = ["Review: a great movie .\nSentiment:", "Review: bad .\nSentiment:", "Review: the film\nSentiment:"]
 WORDS = [" negative", " positive", " good"]
@@ -27,7 +27,10 @@ WORDS = [" negative", " positive", " good"]
 @pytest.fixture(scope="module")
 def server(tiny_llama):
     app = pytest.importorskip("prompttune.serve.app")
-    running = app.RunningServer(app.PromptServer(tiny_llama))
+    from prompttune.serve.config import ServeConfig
+
+    # tiny-llama's whole 512-token vocabulary fits in one top-k list, so multi-token scoring can be checked exactly.
+    running = app.RunningServer(app.PromptServer(tiny_llama, config=ServeConfig(max_logprobs=512)))
     yield running
     running.stop()
 
@@ -72,8 +75,55 @@ def test_text_scoring_through_chat(server):
     assert _answer_word("I think it is negative overall", WORDS) == 0
     assert _answer_word("good or positive?", WORDS) == 2  # the first word decides
     assert _answer_word("no idea", WORDS) is None
-    assert _match(" positive", {" pos": -1.0, " positive": -2.0, "x": 0.0}, -30.0) == -2.0  # longest prefix
-    assert _match(" awful", {" pos": -1.0}, -30.0) == -30.0
+    assert _piece(" positive", {" pos": -1.0, " positive": -2.0, "x": 0.0}) == " positive"  # longest prefix
+    assert _piece(" awful", {" pos": -1.0}) is None
+
+
+def test_word_pieces_by_hand():
+    tops = {
+        "P:": {" won": -1.0, " w": -0.5, " x": -0.1},
+        "P: won": {"der": -2.0, "d": -0.2},
+        "P: wonder": {"ful": -3.0},
+    }
+    asked: list[str] = []
+
+    def top(context):
+        asked.append(context)
+        return tops.get(context, {})
+
+    assert _word_logprob("P:", " wonderful", top, -30.0) == pytest.approx(-6.0)  # -1 - 2 - 3, longest pieces
+    assert asked == ["P:", "P: won", "P: wonder"]
+    assert _word_logprob("P:", " wonders", top, -30.0) == pytest.approx(-33.0)  # "s" never returned: + floor
+    assert _word_logprob("P:", " awful", top, -30.0) == -30.0
+
+
+def test_multi_token_words_are_scored_piece_by_piece(server, tiny_llama):
+    tok = tiny_llama.tokenizer
+    vocab = {tok.decode([i]) for i in range(len(tok))} - {""}
+
+    def longest_first(word: str) -> list[str]:
+        pieces = []
+        while word:
+            pieces.append(max((v for v in vocab if word.startswith(v)), key=len))
+            word = word[len(pieces[-1]) :]
+        return pieces
+
+    # Words whose tokenizer segmentation is also the longest-first one: there the remote score is exact.
+    words = [
+        w
+        for w in (" wonderful", " negativity", " unwatchable", " terrific", " awful")
+        if len(tok(w, add_special_tokens=False)["input_ids"]) > 1
+    ]
+    exact = [
+        w for w in words if longest_first(w) == [tok.decode([i]) for i in tok(w, add_special_tokens=False)["input_ids"]]
+    ]
+    assert len(exact) >= 3, exact  # 5-7 tokens each
+    remote = client(server.url, top_logprobs=512)
+    got = remote.label_logprobs(PROMPTS[:2], exact)  # (2, W)
+    local = HFBackend(BackendConfig(model="tiny-llama"), backbone=tiny_llama).label_logprobs(PROMPTS[:2], exact)
+    torch.testing.assert_close(got, local, atol=1e-3, rtol=0)
+    assert remote.budget.calls == 2  # one call per prompt scored, as on the local backends
+    assert remote.budget.tokens > 0
 
 
 def test_unknown_model_is_a_clear_error(server):

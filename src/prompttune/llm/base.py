@@ -3,8 +3,8 @@
 A backend answers two questions about a language model it may not own the weights of:
 
 - `label_logprobs(prompts, words)`: log P(word | prompt) for each prompt and each label word (the verbalizer), as
-  exact as the backend allows (local models: every token of a multi-token word; HTTP APIs: the first token from the
-  top-k list, or a text answer mapped back to a word);
+  exact as the backend allows (local models: every token of a multi-token word; HTTP APIs: the word's pieces read
+  token by token from top-k lists, or a text answer mapped back to a word);
 - `generate(prompts)`: text continuations (proposal prompts for OPRO-style optimisers, hints, chat answers).
 
 Every call goes through one `Budget`: LLM calls and tokens are counted where they happen (in the backend), and a
@@ -109,7 +109,7 @@ class BackendConfig:
     """openai: `logprobs` (/v1/completions with top-k next-token log-probs) or `text` (/v1/chat/completions; the
     answer text is mapped back to a label word)."""
     top_logprobs: int = 20
-    """openai: how many next-token log-probs to request; label words outside them get `floor_logprob`."""
+    """openai: how many next-token log-probs to request; a label-word piece outside them adds `floor_logprob`."""
     floor_logprob: float = -30.0
     """Log-prob given to a label word the endpoint did not return (not in its top-k, or not the text answer)."""
     timeout: float = 60.0

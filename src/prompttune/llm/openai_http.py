@@ -4,9 +4,13 @@ APIs). Standard library only.
 Scoring label words, two ways (`BackendConfig.scoring`):
 
 - `logprobs`: POST /completions with `max_tokens: 1, logprobs: k` and read the top-k next-token log-probs. A label
-  word is matched to the longest returned token that is a prefix of it (its first token on the server's tokenizer);
-  a word not among the top k gets `floor_logprob`. Multi-token words are scored by their first token only — the
-  OpenAI API offers no exact continuation scoring (local backends are exact).
+  word is scored token by token: its first piece is the longest returned token that begins it, each next piece the
+  longest token returned after the prompt plus the pieces so far (one more request per distinct context, so words
+  sharing a beginning share it), and the word's log-prob is the sum. A piece not among the top k adds
+  `floor_logprob`. The pieces are the server's own tokens but chosen longest-first, which is the server tokenizer's
+  segmentation for most words (the OpenAI API has no call that scores a given continuation exactly; local backends
+  score the tokenizer's segmentation exactly). Only the first request counts as an LLM call — a call is one prompt
+  scored, as on the local backends; every request's tokens count.
 - `text`: POST /chat/completions and map the answer text back to a label word (first word of the answer, then any
   label word it contains); the chosen word gets log-prob 0, the others `floor_logprob`. For chat-only APIs.
 
@@ -21,6 +25,7 @@ import json
 import re
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,7 @@ from ..errors import PromptTuneError
 from .base import BackendConfig, BackendError, Budget, LLMBackend
 
 _ANSWER_TOKENS = 8  # text scoring: a label answer is a word or two
+_MAX_WORD_PIECES = 16  # logprobs scoring: a label word longer than this many tokens gets the floor for the rest
 
 
 class _Retry(Exception):
@@ -73,21 +79,31 @@ class OpenAIBackend(LLMBackend):
 
     # ---- scoring ----------------------------------------------------------------------------------------------------
     def _score_logprobs(self, prompt: str, words: list[str]) -> list[float]:
+        tops: dict[str, dict[str, float]] = {}  # context -> its top-k next tokens, shared by this prompt's words
+
+        def top(context: str) -> dict[str, float]:
+            if context not in tops:
+                tops[context] = self._top_logprobs(context, calls=1 if context == prompt else 0)
+            return tops[context]
+
+        return [_word_logprob(prompt, word, top, self.config.floor_logprob) for word in words]
+
+    def _top_logprobs(self, context: str, calls: int) -> dict[str, float]:
         body = {
             "model": self.config.model,
-            "prompt": prompt,
+            "prompt": context,
             "max_tokens": 1,
             "temperature": 0.0,
             "logprobs": self.config.top_logprobs,
         }
-        answer = self._post("/completions", body)
+        answer = self._post("/completions", body, calls=calls)
         top = _field(answer, "choices", 0, "logprobs", "top_logprobs", 0, where=self.base_url)
         if not isinstance(top, dict) or not all(isinstance(v, (int, float)) for v in top.values()):
             raise BackendError(
                 f"{self.base_url}/completions: malformed response: field 'choices[0].logprobs.top_logprobs[0]' "
                 f"should map tokens to log-probs, got {str(top)[:200]}"
             )
-        return [_match(word, top, self.config.floor_logprob) for word in words]
+        return top
 
     def _score_text(self, prompt: str, words: list[str]) -> list[float]:
         body = {
@@ -102,8 +118,8 @@ class OpenAIBackend(LLMBackend):
         return [0.0 if i == chosen else self.config.floor_logprob for i in range(len(words))]
 
     # ---- transport --------------------------------------------------------------------------------------------------
-    def _post(self, path: str, body: dict[str, Any], kind: str = "score") -> dict[str, Any]:
-        """POST JSON, retrying what is worth retrying; charges the budget for one call on success."""
+    def _post(self, path: str, body: dict[str, Any], kind: str = "score", calls: int = 1) -> dict[str, Any]:
+        """POST JSON, retrying what is worth retrying; charges the budget `calls` calls and the tokens on success."""
         url = self.base_url + path
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
@@ -146,7 +162,7 @@ class OpenAIBackend(LLMBackend):
             raise BackendError(f"{url}: malformed response: expected a JSON object, got {type(answer).__name__}")
         usage = answer.get("usage") or {}
         tokens = int(usage.get("total_tokens") or 0) or (len(data) // 4)  # no usage: ~4 characters per token
-        self._charged(1, tokens, kind)
+        self._charged(calls, tokens, kind)
         return answer
 
 
@@ -162,10 +178,24 @@ def _field(obj: Any, *path: Any, where: str) -> Any:
     return obj
 
 
-def _match(word: str, top: dict[str, float], floor: float) -> float:
-    """The log-prob of the longest returned token that begins `word` (its first token), else `floor`."""
-    best = max((t for t in top if t and word.startswith(t)), key=len, default=None)
-    return float(top[best]) if best is not None else floor
+def _piece(rest: str, top: dict[str, float]) -> str | None:
+    """The longest non-empty returned token that begins `rest`."""
+    return max((t for t in top if t and rest.startswith(t)), key=len, default=None)
+
+
+def _word_logprob(prompt: str, word: str, top: Callable[[str], dict[str, float]], floor: float) -> float:
+    """log P(word | prompt) summed over pieces: each the longest top-k token that begins what is left of the word."""
+    total, context, rest = 0.0, prompt, word
+    for _ in range(_MAX_WORD_PIECES):
+        entries = top(context)
+        piece = _piece(rest, entries)
+        if piece is None:
+            return total + floor
+        total += float(entries[piece])
+        context, rest = context + piece, rest[len(piece) :]
+        if not rest:
+            return total
+    return total + floor
 
 
 def _answer_word(text: str, words: list[str]) -> int | None:
