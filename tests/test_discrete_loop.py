@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-import prompttune.discrete.loop as loop_mod
+import prompttune.discrete.checkpoint as checkpoint_mod
 from prompttune import PromptTuneError, PromptTuner
 from prompttune.api import build_model, make_config
 from prompttune.cli import main
@@ -150,7 +150,7 @@ class _Killed(Exception):
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_killed_search_resumes_to_the_uninterrupted_result(name, tiny_llama, sst_train, sst_dev, tmp_path, monkeypatch):
     full = run_search(tiny_llama, sst_train, sst_dev, name, out=tmp_path / "full")
-    saved, calls = loop_mod._checkpoint, []
+    saved, calls = checkpoint_mod.save, []
 
     def save_then_die(*args, **kwargs):
         saved(*args, **kwargs)
@@ -159,7 +159,7 @@ def test_killed_search_resumes_to_the_uninterrupted_result(name, tiny_llama, sst
             raise _Killed
 
     with monkeypatch.context() as patch:
-        patch.setattr(loop_mod, "_checkpoint", save_then_die)
+        patch.setattr(checkpoint_mod, "save", save_then_die)
         try:
             run_search(tiny_llama, sst_train, sst_dev, name, out=tmp_path / "run")
         except _Killed:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
@@ -98,13 +99,7 @@ def fit(
         model.head.encode_labels(dev)  # fail now, not after training, on a label the head does not cover
     # Data-dependent head state (e.g. label-word priors) is fitted once; a resumed run restores it from the checkpoint.
     prepared = {} if resume else model.head.prepare(model, train)
-    groups = model.method.param_groups(cfg.lr) + [{"params": list(model.head.parameters()), "lr": cfg.lr}]
-    groups = [g for g in groups if g["params"]]
-    if not groups:  # nothing to train (the manual prompt): evaluate and tune on dev only
-        cfg = replace(cfg, max_steps=0, checkpoint=False)
-        groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": cfg.lr}]  # AdamW refuses an empty list
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg))
+    cfg, optimizer, scheduler = _optimizer(model, cfg)
     wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = {"step": 0, "best_step": 0, "best": None, "best_dev": None, "bad_evals": 0, "log": [], "seconds": 0.0}
     best_state = _snapshot(model)
@@ -123,22 +118,12 @@ def fit(
     step_seconds: list[float] = []
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=quiet, desc="train", dynamic_ncols=True)
     while state["step"] < cfg.max_steps:
-        step = state["step"]
         tic = time.perf_counter()
-        idx = batch_indices(step, len(train), cfg.batch_size, cfg.seed)[
-            accelerator.process_index :: accelerator.num_processes
-        ]
-        rows = [Row(r.ids, r.soft, r.read, r.targets, j, r.option) for j, i in enumerate(idx) for r in train_rows[i]]
-        batch = model.make_batch(rows)
-        scores = wrapped(batch, len(idx))
-        loss = model.head.loss(scores, None if targets is None else targets[idx].to(scores.device), batch)
-        accelerator.backward(loss)
-        if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        idx = batch_indices(state["step"], len(train), cfg.batch_size, cfg.seed)
+        idx = idx[accelerator.process_index :: accelerator.num_processes]  # this process's share (DDP)
+        loss = _train_step(model, wrapped, accelerator, [train_rows[i] for i in idx], targets, idx, cfg, optimizer)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] = step = step + 1
+        state["step"] = step = state["step"] + 1
         step_seconds.append(time.perf_counter() - tic)
         state["log"].append({"step": step, "loss": round(loss.item(), 6), "lr": scheduler.get_last_lr()[0]})
         bar.update(1)
@@ -154,21 +139,55 @@ def fit(
     state["seconds"] += sum(step_seconds)
     if dev:
         model.load_state_dict(best_state)
-    tuned: dict[str, Any] = dict(prepared)
-    if dev:
-        dev_scores = model.scores(dev, cfg.eval_batch_size) if model.head.is_classifier else None
-        tuned.update(model.head.tune_on_dev(model, dev_scores, dev, calibrate) if dev_scores is not None else {})
+    tuned = {**prepared, **(_tune_on_dev(model, dev, cfg, calibrate) if dev else {})}
     model.use_prefix_cache(False)
     steps_run = max(1, sum(1 for r in state["log"] if "loss" in r))
+    seconds = state["seconds"]
     return FitResult(
-        state["best_step"],
-        state["best_dev"],
-        state["step"],
-        state["seconds"],
-        state["seconds"] / steps_run,
-        tuned,
-        state["log"],
+        state["best_step"], state["best_dev"], state["step"], seconds, seconds / steps_run, tuned, state["log"]
     )
+
+
+def _optimizer(model: PromptModel, cfg: TrainConfig) -> tuple[TrainConfig, torch.optim.Optimizer, Any]:
+    """AdamW over the method's and head's parameter groups, and the LR schedule; with nothing to train (the manual
+    prompt) a run of zero steps that only evaluates and tunes on dev."""
+    groups = model.method.param_groups(cfg.lr) + [{"params": list(model.head.parameters()), "lr": cfg.lr}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        cfg = replace(cfg, max_steps=0, checkpoint=False)
+        groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": cfg.lr}]  # AdamW refuses an empty list
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    return cfg, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg))
+
+
+def _train_step(
+    model: PromptModel,
+    wrapped: Any,
+    accelerator: Accelerator,
+    examples: list[list[Row]],
+    targets: Tensor | None,
+    idx: list[int],
+    cfg: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+) -> Tensor:
+    """One optimiser step on the batch `idx` (each example's encoded rows in `examples`); returns the loss."""
+    rows = [Row(r.ids, r.soft, r.read, r.targets, j, r.option) for j, encoded in enumerate(examples) for r in encoded]
+    batch = model.make_batch(rows)
+    scores = wrapped(batch, len(idx))
+    loss = model.head.loss(scores, None if targets is None else targets[idx].to(scores.device), batch)
+    accelerator.backward(loss)
+    if cfg.grad_clip > 0:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def _tune_on_dev(model: PromptModel, dev: Sequence[Example], cfg: TrainConfig, calibrate: str) -> dict[str, Any]:
+    """The head's dev-chosen settings (calibration, thresholds) for the selected prompt."""
+    if not model.head.is_classifier:
+        return {}
+    return model.head.tune_on_dev(model, model.scores(dev, cfg.eval_batch_size), dev, calibrate)
 
 
 def _evaluate(

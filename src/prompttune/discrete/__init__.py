@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 
 # Modules of the package that are not optimisers; every other module registers one when imported.
-_INFRASTRUCTURE = {"base", "objective", "loop", "p1", "artifact", "cli", "api"}
+_INFRASTRUCTURE = {"base", "objective", "loop", "checkpoint", "p1", "artifact", "cli", "api"}
 
 
 def load_optimizers() -> None:

@@ -14,30 +14,27 @@ ends the search cleanly: everything scored so far stays a candidate.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config import TaskConfig, build_section
 from ..data.templates import Template
 from ..errors import PromptTuneError
-from ..llm.base import BudgetExhausted, LLMBackend
+from ..llm.base import Budget, BudgetExhausted, LLMBackend
 from ..registry import OPTIMIZERS, lookup
 from ..types import Example
+from . import checkpoint as ckpt
 from . import p1 as p1_subset
 from .base import Candidate, DiscreteOptimizer, Scored, SearchContext
+from .checkpoint import CHECKPOINT
 from .objective import LLMObjective
 
-CHECKPOINT = "checkpoint.json"
-TENSORS = "checkpoint.safetensors"
-LOG = "search.jsonl"
-_MUST_MATCH = ("optimizer", "optimizer_config", "budget", "max_tokens", "seed", "select_top", "p1", "p1_probes")
+__all__ = ["CHECKPOINT", "SearchConfig", "SearchResult", "build_optimizer", "make_context", "search"]
 
 
 @dataclass
@@ -159,63 +156,85 @@ def search(
     out = Path(out) if out else None
     tic = time.perf_counter()
     ctx, objective = make_context(task, backend, train, dev, config.seed, proposer)
-    budget = backend.budget
-    if proposer is not None and proposer.budget is not budget:
-        proposer.budget = budget  # one budget for every LLM the search calls
-    budget.reset()  # the budget is per search (a resumed one restores its counters from the checkpoint)
-    budget.max_calls, budget.max_tokens = config.budget, config.max_tokens
     optimizer = build_optimizer(config, ctx)
     objective.specialize = optimizer.specialize
-    per = optimizer.calls_per_example
-    reserve = (config.select_top + 1) * len(dev) * per
-    if config.budget and reserve >= config.budget:
-        raise PromptTuneError(
-            f"config field 'budget': {config.budget} LLM calls cannot pay for dev selection ({config.select_top + 1} "
-            f"candidates x {len(dev)} dev examples x {per} = {reserve} calls) and leave any for the search; raise it"
-        )
-    budget.held_back = reserve
+    budget = _set_budget(config, backend, proposer, optimizer, len(dev))
     state: dict[str, Any] = {"step": 0, "history": {}, "stopped": None, "seconds": 0.0, "p1": None}
     if resume:
-        state = _load_checkpoint(out, config, optimizer, objective)
+        state = ckpt.load(out, config, optimizer, objective)
         if state["p1"] is not None:
             objective.examples = p1_subset.restrict(train, state["p1"])
     else:
         _begin(state, config, optimizer, objective, ctx)
-        _checkpoint(out, config, optimizer, objective, state, tic)
+        ckpt.save(out, config, optimizer, objective, state, tic)
     bar = tqdm(total=config.max_steps or None, initial=state["step"], disable=quiet, desc="search", dynamic_ncols=True)
     while state["stopped"] is None:
-        if optimizer.done:
-            state["stopped"] = "done"
-            break
-        if config.max_steps and state["step"] >= config.max_steps:
-            state["stopped"] = "max_steps"
-            break
-        calls_before = budget.calls
-        try:
-            scored = optimizer.step(objective)
-        except BudgetExhausted as err:
-            _remember(state, err.partial, state["step"] + 1)
-            state["stopped"] = "budget"
-            _log(out, state, {"step": state["step"] + 1, "stopped": str(err), **budget.state_dict()})
-            break
-        state["step"] += 1
-        _remember(state, scored, state["step"])
-        # Re-proposing scored candidates is free (cached), so a population optimiser that has run out of new ideas
-        # would never exhaust the budget: stop after `max_idle_steps` steps without a single LLM call. (Learning
-        # optimisers override `step` and may train for steps without calls; they end by budget, steps or `done`.)
-        state["idle"] = 0 if budget.calls > calls_before else state.get("idle", 0) + 1
-        if state["idle"] >= config.max_idle_steps and type(optimizer).step is DiscreteOptimizer.step:
-            state["stopped"] = "stalled"
-        best = _best(state)
-        entry = {"step": state["step"], "scored": len(scored), "best_train": best["score"], **budget.state_dict()}
-        entry["best_candidate"] = best["candidate"]["text"][:200]
-        _log(out, state, entry)
-        _checkpoint(out, config, optimizer, objective, state, tic)
-        bar.update(1)
-        bar.set_postfix(calls=budget.calls, best_train=f"{best['score']:.3f}")
+        if _step(state, config, optimizer, objective, budget, out):
+            ckpt.save(out, config, optimizer, objective, state, tic)
+            bar.update(1)
+            bar.set_postfix(calls=budget.calls, best_train=f"{_best(state)['score']:.3f}")
     bar.close()
-    _checkpoint(out, config, optimizer, objective, state, tic)
+    ckpt.save(out, config, optimizer, objective, state, tic)
     return _finish(config, task, backend, optimizer, objective, state, dev, test, out, tic, run_config)
+
+
+def _set_budget(
+    config: SearchConfig, backend: LLMBackend, proposer: LLMBackend | None, optimizer: DiscreteOptimizer, n_dev: int
+) -> Budget:
+    """One budget for every LLM the search calls, reset for this search, with dev selection's calls held back."""
+    budget = backend.budget
+    if proposer is not None and proposer.budget is not budget:
+        proposer.budget = budget
+    budget.reset()  # the budget is per search (a resumed one restores its counters from the checkpoint)
+    budget.max_calls, budget.max_tokens = config.budget, config.max_tokens
+    per = optimizer.calls_per_example
+    reserve = (config.select_top + 1) * n_dev * per
+    if config.budget and reserve >= config.budget:
+        raise PromptTuneError(
+            f"config field 'budget': {config.budget} LLM calls cannot pay for dev selection ({config.select_top + 1} "
+            f"candidates x {n_dev} dev examples x {per} = {reserve} calls) and leave any for the search; raise it"
+        )
+    budget.held_back = reserve
+    return budget
+
+
+def _step(
+    state: dict[str, Any],
+    config: SearchConfig,
+    optimizer: DiscreteOptimizer,
+    objective: LLMObjective,
+    budget: Budget,
+    out: Path | None,
+) -> bool:
+    """One optimiser step, remembered and logged; sets `state["stopped"]` when the search should end. Returns whether
+    a step completed (then the caller checkpoints)."""
+    if optimizer.done:
+        state["stopped"] = "done"
+        return False
+    if config.max_steps and state["step"] >= config.max_steps:
+        state["stopped"] = "max_steps"
+        return False
+    calls_before = budget.calls
+    try:
+        scored = optimizer.step(objective)
+    except BudgetExhausted as err:
+        _remember(state, err.partial, state["step"] + 1)
+        state["stopped"] = "budget"
+        ckpt.append_log(out, {"step": state["step"] + 1, "stopped": str(err), **budget.state_dict()})
+        return False
+    state["step"] += 1
+    _remember(state, scored, state["step"])
+    # Re-proposing scored candidates is free (cached), so a population optimiser that has run out of new ideas
+    # would never exhaust the budget: stop after `max_idle_steps` steps without a single LLM call. (Learning
+    # optimisers override `step` and may train for steps without calls; they end by budget, steps or `done`.)
+    state["idle"] = 0 if budget.calls > calls_before else state.get("idle", 0) + 1
+    if state["idle"] >= config.max_idle_steps and type(optimizer).step is DiscreteOptimizer.step:
+        state["stopped"] = "stalled"
+    best = _best(state)
+    entry = {"step": state["step"], "scored": len(scored), "best_train": best["score"], **budget.state_dict()}
+    entry["best_candidate"] = best["candidate"]["text"][:200]
+    ckpt.append_log(out, entry)
+    return True
 
 
 def _begin(
@@ -309,85 +328,6 @@ def _best(state: dict[str, Any]) -> dict[str, Any]:
 
 def _as_scored(entry: dict[str, Any]) -> Scored:
     return Scored.from_dict(entry)
-
-
-def _log(out: Path | None, state: dict[str, Any], entry: dict[str, Any]) -> None:
-    if out is None:
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOG, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-
-
-def _checkpoint(
-    out: Path | None,
-    config: SearchConfig,
-    optimizer: DiscreteOptimizer,
-    objective: LLMObjective,
-    state: dict[str, Any],
-    tic: float,
-) -> None:
-    """checkpoint.json (+ checkpoint.safetensors for optimiser tensors), each written to a temp file and renamed."""
-    if out is None or not config.checkpoint:
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = optimizer.tensors()
-    if tensors:
-        tmp = out / f"{TENSORS}.tmp{os.getpid()}"
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-            str(tmp),
-            metadata={"step": str(state["step"])},
-        )
-        os.replace(tmp, out / TENSORS)
-    payload = {
-        "config": asdict(config),
-        "state": {**state, "seconds": state["seconds"] + (time.perf_counter() - tic)},
-        "optimizer": optimizer.state_dict(),
-        "objective": objective.state_dict(),
-        "budget": objective.budget.state_dict(),
-        "has_tensors": bool(tensors),
-    }
-    tmp = out / f"{CHECKPOINT}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, out / CHECKPOINT)
-
-
-def _load_checkpoint(
-    out: Path | None, config: SearchConfig, optimizer: DiscreteOptimizer, objective: LLMObjective
-) -> dict[str, Any]:
-    if out is None or not (out / CHECKPOINT).is_file():
-        raise PromptTuneError(f"{out}/{CHECKPOINT}: no checkpoint to resume from")
-    path = out / CHECKPOINT
-    try:
-        payload = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise PromptTuneError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
-    saved = payload["config"]
-    for key in _MUST_MATCH:
-        if saved.get(key) != asdict(config)[key]:
-            raise PromptTuneError(
-                f"{path}: checkpoint was made with {key}={saved.get(key)!r}, this run has {asdict(config)[key]!r}; "
-                "resume with the same settings"
-            )
-    state = payload["state"]
-    if payload.get("has_tensors"):
-        from safetensors import safe_open
-
-        with safe_open(str(out / TENSORS), "pt") as f:
-            step = int(f.metadata().get("step", -1))
-        if step != state["step"]:
-            raise PromptTuneError(f"{out / TENSORS}: holds step {step}, {path} step {state['step']}; cannot resume")
-        optimizer.load_tensors(load_file(str(out / TENSORS)))
-    optimizer.load_state_dict(payload["optimizer"])
-    objective.load_state_dict(payload["objective"])
-    objective.budget.load_state_dict(payload["budget"])
-    # Truncate the log to the checkpointed step, so a killed run's extra lines are not duplicated.
-    log = out / LOG
-    if log.is_file():
-        lines = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= state["step"]]
-        log.write_text("".join(ln + "\n" for ln in lines))
-    return state
 
 
 def _words_of(examples: Sequence[Example]) -> list[str]:
