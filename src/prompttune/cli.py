@@ -17,7 +17,7 @@ import time
 import types
 import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -251,26 +251,19 @@ def _print_table(args: argparse.Namespace, headers: list[str], rows: list[list[s
 
 
 # ---- parser ---------------------------------------------------------------------------------------------------------
-def _train_method(argv: Sequence[str]) -> str:
-    """The method `train` will use (flag, else YAML, else default), so its flags can be added before parsing."""
+def preparsed(argv: Sequence[str], verb: str, flag: str, from_config: Callable[[str], str], default: str) -> str:
+    """What `verb` will use for `flag` (the flag, else the `--config` file's value, else `default`), read before the
+    real parse because it decides which flags exist (a method's, a head's, an optimiser's)."""
+    if argv[:1] != [verb]:
+        return default
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--method")
+    pre.add_argument(flag)
     pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    if known.method:
-        return known.method
-    return read_run_config(known.config).method if known.config else RunConfig.method
-
-
-def _train_head(argv: Sequence[str]) -> str:
-    """The head `train` will use (flag, else YAML, else default), so its own flags can be added before parsing."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--head")
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    if known.head:
-        return known.head
-    return read_run_config(known.config).task.head if known.config else TaskConfig.head
+    known, _ = pre.parse_known_args(argv[1:])
+    value = getattr(known, flag.lstrip("-").replace("-", "_"))
+    if value:
+        return value
+    return from_config(known.config) if known.config else default
 
 
 def _verb(verbs: Any, name: str, help_text: str, func: Any, positional: str | None = "DIR") -> argparse.ArgumentParser:
@@ -292,7 +285,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
     _verb(verbs, "models", "list the embedded models", cmd_models, None)
 
-    method = _train_method(argv[1:]) if argv[:1] == ["train"] else RunConfig.method
+    method = preparsed(argv, "train", "--method", lambda path: read_run_config(path).method, RunConfig.method)
     method_cls = lookup(METHODS, method, "method")
     p = _verb(verbs, "train", "train a prompt and save an artifact", cmd_train, None)
     run_docs = field_docs(RunConfig)
@@ -305,7 +298,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     taken: set[str] = set()
     fields = add_config_flags(p, method_cls.config_cls, f"method {method}", taken)
-    head = _train_head(argv[1:]) if argv[:1] == ["train"] else TaskConfig.head
+    head = preparsed(argv, "train", "--head", lambda path: read_run_config(path).task.head, TaskConfig.head)
     head_cls = lookup(HEADS, head, "head")
     if head_cls.config_cls is not None:  # the head's own options (kpt, soft_verbalizer, ...)
         fields += add_config_flags(p, head_cls.config_cls, f"head {head}", taken)

@@ -22,29 +22,18 @@ from typing import Any
 from ..errors import PromptTuneError
 
 
-def _optimizer(argv: Sequence[str]) -> str:
-    """The optimiser `search` will use (flag, else YAML, else random), so its flags can be added before parsing."""
-    from .api import read_search_config
-
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--optimizer")
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    if known.optimizer:
-        return known.optimizer
-    return (read_search_config(known.config) if known.config else {}).get("optimizer", "random")
-
-
 def add_search_parser(verbs: Any, argv: Sequence[str]) -> None:
     """Add the `search` verb (its optimiser's flags depend on `--optimizer` in argv)."""
     from .. import cli
     from ..config import DataConfig, TaskConfig
     from ..llm.base import BackendConfig
     from ..registry import OPTIMIZERS, lookup
-    from .api import TASK_FIELDS
+    from .api import TASK_FIELDS, read_search_config
     from .loop import SearchConfig
 
-    name = _optimizer(argv[1:]) if argv[:1] == ["search"] else "random"
+    name = cli.preparsed(
+        argv, "search", "--optimizer", lambda path: read_search_config(path).get("optimizer", "random"), "random"
+    )
     opt_cls = lookup(OPTIMIZERS, name, "optimizer")
     p = cli._verb(verbs, "search", "search a discrete (text) prompt for a black-box or local LLM", cmd_search, None)
     p.add_argument("--config", metavar="SEARCH_YAML", help="YAML search config (e.g. a run.yaml); flags override it")
