@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from collections import defaultdict
@@ -118,6 +119,49 @@ def dataset_table(dataset: str, cells: dict, seeds_expected: int) -> list[str]:
     return lines + [""]
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (ties dropped): the chance of a split at least this uneven if neither is better."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def versus_table(records: list[dict[str, Any]], base: str = "prompt_tuning") -> list[str]:
+    """Each method against `base` on the (dataset, seed) cells both have: differences, not two separate means."""
+    datasets = order({r["dataset"] for r in records}, DATASETS)
+    lines = [
+        f"Each method minus `{base}` on the same (dataset, seed) cells (test accuracy, percentage points); "
+        "wins/ties/losses count cells; p: two-sided exact sign test over the cells (ties dropped) — with few cells "
+        "no difference can be significant, so read p before the mean.",
+        "",
+        f"| method | cells | Δ vs {base} pp, mean (std) | wins/ties/losses | sign-test p | "
+        + " | ".join(f"Δ {d}" for d in datasets)
+        + " | verdict |",
+        "|---|---|---|---|---|" + "---|" * len(datasets) + "---|",
+    ]
+    for method in order({r["method"] for r in records} - {base}, METHODS):
+        pairs = paired_cells(records, method, base, "test_accuracy")
+        if not pairs:
+            continue
+        diffs = [100 * (a - b) for _, a, b in pairs]
+        mean, sd = mean_std(diffs)
+        wins, losses = sum(d > 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs)
+        p = sign_test(wins, losses)
+        per = []
+        for d in datasets:
+            ds = [100 * (a - b) for name, a, b in pairs if name == d]
+            per.append(f"{statistics.fmean(ds):+.1f} (n={len(ds)})" if ds else "–")
+        verdict = "better" if p < 0.05 and mean > 0 else "worse" if p < 0.05 and mean < 0 else "no clear difference"
+        lines.append(
+            f"| {method} | {len(diffs)} | {mean:+.1f} ({fmt(sd, 1)}) | {wins}/{len(diffs) - wins - losses}/{losses} "
+            f"| {p:.2f} | {' | '.join(per)} | {verdict} |"
+        )
+    return lines + [""]
+
+
 def completeness(records: list[dict[str, Any]]) -> list[str]:
     done = {(r["dataset"], r["seed"], r["method"]) for r in records}
     expected = [(d, s, m) for d in DATASETS for s in SEEDS for m in METHODS]
@@ -159,15 +203,20 @@ def timing_table(timing: list[dict[str, Any]]) -> list[str]:
 
 
 # ---- targets ---------------------------------------------------------------------------------------------------
-def paired(records: list[dict[str, Any]], a: str, b: str, key: str) -> list[tuple[float, float]]:
-    """(a, b) values of `key` over the (dataset, seed) cells where both methods have a result."""
+def paired_cells(records: list[dict[str, Any]], a: str, b: str, key: str) -> list[tuple[str, float, float]]:
+    """(dataset, a's value, b's value) of `key` over the (dataset, seed) cells where both methods have a result."""
     index = {(r["dataset"], r["seed"], r["method"]): r.get(key) for r in records}
     pairs = []
     for (d, s, m), va in index.items():
         vb = index.get((d, s, b))
         if m == a and va is not None and vb is not None:
-            pairs.append((va, vb))
+            pairs.append((d, va, vb))
     return pairs
+
+
+def paired(records: list[dict[str, Any]], a: str, b: str, key: str) -> list[tuple[float, float]]:
+    """(a, b) values of `key` over the (dataset, seed) cells where both methods have a result."""
+    return [(va, vb) for _, va, vb in paired_cells(records, a, b, key)]
 
 
 def target_speed_vs_peft(records: list[dict[str, Any]]) -> str:
@@ -319,6 +368,7 @@ def render(records: list[dict[str, Any]], timing: list[dict[str, Any]], results:
     ]
     for dataset in order({d for d, _ in cells}, DATASETS):
         lines += dataset_table(dataset, cells, len(SEEDS))
+    lines += ["## Which methods beat plain prompt tuning", ""] + versus_table(records)
     lines += ["## Completeness", ""] + completeness(records)
     lines += [
         "## Targets",
