@@ -174,10 +174,11 @@ def section(folder: Path = RESULTS) -> list[str]:
         lines += [
             f"### {dataset}",
             "",
-            "| method | seeds | test acc % mean (std) | dev acc % | LLM calls | seconds | n_test "
-            f"| example prompt (seed {min(r['seed'] for r in rows)}) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | seeds | test acc % mean (std) | Δ vs manual pp (same seeds) | found a prompt ≠ manual "
+            f"| dev acc % | LLM calls | seconds | n_test | example prompt (seed {min(r['seed'] for r in rows)}) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
+        manual = {r["seed"]: r["test"]["accuracy"] for r in rows if r["method"] == "manual" and r.get("test")}
         names = [m for m in METHODS if any(r["method"] == m for r in rows)]
         for name in names:
             cell = sorted((r for r in rows if r["method"] == name), key=lambda r: r["seed"])
@@ -186,9 +187,13 @@ def section(folder: Path = RESULTS) -> list[str]:
             prompt = cell[0]["prompt"]
             shown = (prompt.get("demos", "") + prompt.get("text", "")).replace("\n", "⏎").replace("|", "\\|")
             calls, seconds = statistics.fmean(r["calls"] for r in cell), statistics.fmean(r["seconds"] for r in cell)
+            deltas = [100 * (r["test"]["accuracy"] - manual[r["seed"]]) for r in cell if r["seed"] in manual]
+            delta = f"{statistics.fmean(deltas):+.1f} (n={len(deltas)})" if deltas and name != "manual" else "–"
+            found = sum(bool(r["prompt"].get("text") or r["prompt"].get("demos")) for r in cell)
             lines.append(
-                f"| {name} | {len(cell)}/{len(SEEDS)} | {_ms(test)} | {_ms(dev).split(' ')[0]} | {calls:.0f} | "
-                f"{seconds:.0f} | {cell[0]['n_test']} | `{shown[:80] or '(empty)'}` |"
+                f"| {name} | {len(cell)}/{len(SEEDS)} | {_ms(test)} | {delta} | {found}/{len(cell)} "
+                f"| {_ms(dev).split(' ')[0]} | {calls:.0f} | {seconds:.0f} | {cell[0]['n_test']} "
+                f"| `{shown[:80] or '(empty)'}` |"
             )
         lines.append("")
     lines += [
