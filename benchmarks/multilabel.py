@@ -38,7 +38,8 @@ from prompttune.api import make_config  # noqa: E402
 from prompttune.backbones import load_backbone  # noqa: E402
 from prompttune.cli import read_run_config  # noqa: E402
 from prompttune.data.examples import detect_label_columns, load_examples  # noqa: E402
-from prompttune.evaluation import metrics  # noqa: E402
+from prompttune.evaluation import metrics, score_metrics  # noqa: E402
+from prompttune.heads.classifier import THRESHOLD_METRICS  # noqa: E402
 from prompttune.types import Example  # noqa: E402
 
 CONFIG = REPO / "configs" / "hatespeech_ptec.yaml"
@@ -83,6 +84,7 @@ def run_tuned(
     tic = time.perf_counter()
     test = tuner.evaluate(splits["test"])
     model = tuner.model
+    points = operating_points(model, splits["dev"], splits["test"]) if cfg.task.head == "classifier" else None
     return {
         "head": cfg.task.head,
         "method": cfg.method,
@@ -95,10 +97,30 @@ def run_tuned(
         "test_seconds": round(time.perf_counter() - tic, 2),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "test": {k: test[k] for k in METRICS},
+        "operating_points": points,
         "train_config": asdict(cfg.train),
         "method_config": cfg.method_config,
         "task_config": {k: v for k, v in asdict(cfg.task).items() if k != "label_columns"},
     }
+
+
+def operating_points(model: Any, dev: list[Example], test: list[Example]) -> dict[str, Any]:
+    """The classifier's one threshold chosen on dev by each metric it can maximise, and the test metrics each gives:
+    the same trained prompt and head, only the operating point differs (macro-F1 favours rare labels, Jaccard few
+    labels per comment)."""
+    head = model.head
+    kept = (head.options.threshold_metric, float(head.threshold))
+    dev_scores, test_scores = model.scores(dev), model.scores(test)  # (N, C) each
+    points = {}
+    for metric in THRESHOLD_METRICS:
+        head.options.threshold_metric = metric
+        tuned = head.tune_on_dev(model, dev_scores, dev, "none")
+        scores = score_metrics(head, test, test_scores)
+        points[metric] = {"threshold": tuned["threshold"], "dev": tuned[f"dev_{metric}"]}
+        points[metric]["test"] = {k: scores[k] for k in METRICS}
+    head.options.threshold_metric = kept[0]
+    head.threshold.fill_(kept[1])
+    return points
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -409,12 +409,15 @@ def multilabel_section(results: Path) -> list[str]:
         except (OSError, ValueError) as err:
             print(f"skipping {path}: {err}", file=sys.stderr)
             continue
-        t = r["test"]
-        rows.append(
-            f"| {r['variant']} | {r.get('head', '–')} | {fmt(t['macro_f1'], 3)} | {fmt(t['micro_f1'], 3)} | "
-            f"{fmt(t['jaccard'], 3)} | {fmt(t.get('labels_per_example'), 2)} | {r.get('steps', '–')} | "
-            f"{fmt(r.get('seconds_per_step'), 2)} | {r.get('trainable_params', 0):,} |"
-        )
+        variants = [(r["variant"], r["test"])]
+        for metric, point in (r.get("operating_points") or {}).items():  # one trained model, other thresholds
+            variants.append((f"{r['variant']}, threshold on dev {metric} ({point['threshold']:g})", point["test"]))
+        for name, t in variants:
+            rows.append(
+                f"| {name} | {r.get('head', '–')} | {fmt(t['macro_f1'], 3)} | {fmt(t['micro_f1'], 3)} | "
+                f"{fmt(t['jaccard'], 3)} | {fmt(t.get('labels_per_example'), 2)} | {r.get('steps', '–')} | "
+                f"{fmt(r.get('seconds_per_step'), 2)} | {r.get('trainable_params', 0):,} |"
+            )
     if not rows:
         return []
     return [

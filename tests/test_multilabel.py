@@ -133,6 +133,45 @@ def test_threshold_is_chosen_on_dev_macro_f1():
     assert head.decide(torch.logit(probs)) == [("a",), ("b",), ("a", "b"), ()]
 
 
+def test_threshold_metric_jaccard_picks_fewer_labels_than_macro_f1():
+    """Sparse gold sets: macro-F1 rewards catching the rare label (low threshold), Jaccard the per-example overlap
+    (high threshold); each option maximises its own dev metric over the same grid."""
+    from prompttune.evaluation import score_metrics
+    from prompttune.heads.classifier import ClassifierConfig
+
+    labels = ["common", "rare"]
+    gold = [("common",)] * 6 + [("rare",)] + [()] * 3
+    dev = [Example({"text": str(i)}, label=lab) for i, lab in enumerate(gold)]
+    # common: p = 0.9 on its 6 positives, 0.1 elsewhere. rare: 0.15 on its one positive, but 0.16-0.18 on three
+    # common comments. t <= 0.15 catches it (rare F1 0.4: macro-F1 0.7 vs 0.5) at three half-right examples
+    # (Jaccard 0.85 vs 0.9 without it).
+    rare = [0.16, 0.17, 0.18, 0.05, 0.05, 0.05, 0.15, 0.05, 0.05, 0.05]
+    probs = torch.tensor([[0.9 if i < 6 else 0.1, r] for i, r in enumerate(rare)])
+    scores = torch.logit(probs)
+    chosen = {}
+    for metric in ("macro_f1", "jaccard"):
+        head = ClassifierHead(labels, "causal_lm", 4, multi_label=True, config=ClassifierConfig(metric))
+        tuned = head.tune_on_dev(None, scores, dev, "none")
+        grid = [0.01, 0.02, 0.03, 0.04] + [i / 20 for i in range(1, 20)]
+        best = max(score_metrics(_at(head, t), dev, scores)[metric] for t in grid)
+        head.threshold.fill_(tuned["threshold"])
+        assert tuned[f"dev_{metric}"] == pytest.approx(best)
+        assert score_metrics(head, dev, scores)[metric] == pytest.approx(best)
+        chosen[metric] = tuned["threshold"]
+    assert chosen["macro_f1"] <= 0.15 and chosen["jaccard"] > 0.18  # macro-F1 keeps the rare label, Jaccard drops it
+    assert (
+        ClassifierHead(labels, "causal_lm", 4, True, config=ClassifierConfig("jaccard")).config()["threshold_metric"]
+        == "jaccard"
+    )
+    with pytest.raises(PromptTuneError, match="threshold_metric"):
+        ClassifierConfig("accuracy")
+
+
+def _at(head, t):
+    head.threshold.fill_(t)
+    return head
+
+
 # ---- PTEC: classifier head and trie-constrained label generation, end to end ------------------------------------
 def _tuner(tiny_llama, head, **kw):
     options = {"num_virtual_tokens": 3, "max_steps": 4, "batch_size": 3, "eval_every": 2, "lr": 0.05}

@@ -5,24 +5,55 @@ decision threshold chosen on dev)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import build_section
 from ..data.collate import Batch
+from ..errors import PromptTuneError
 from ..registry import register_head
 from .base import Head, gather_positions
+
+THRESHOLD_METRICS = ("macro_f1", "micro_f1", "jaccard")
+
+
+@dataclass
+class ClassifierConfig:
+    """Options of the classifier head (`head: classifier`)."""
+
+    threshold_metric: str = "macro_f1"
+    """Multi-label: the dev metric the decision threshold maximises: `macro_f1` (every label counts the same: favours
+    recall on rare labels), `micro_f1` or `jaccard` (per-example overlap, as PTEC's repository reports: favours
+    predicting few labels on sparse label sets)."""
+
+    def __post_init__(self) -> None:
+        if self.threshold_metric not in THRESHOLD_METRICS:
+            raise PromptTuneError(
+                f"head classifier: field 'threshold_metric': expected one of {', '.join(THRESHOLD_METRICS)}, "
+                f"got {self.threshold_metric!r}"
+            )
 
 
 @register_head("classifier")
 class ClassifierHead(Head):
+    config_cls = ClassifierConfig
+
     def __init__(
-        self, labels: Sequence[str], kind: str, hidden_size: int, multi_label: bool = False, pooling: str = "answer"
+        self,
+        labels: Sequence[str],
+        kind: str,
+        hidden_size: int,
+        multi_label: bool = False,
+        pooling: str = "answer",
+        config: ClassifierConfig | None = None,
     ):
         super().__init__(labels, kind, multi_label)
         self.pooling = pooling
+        self.options = config or ClassifierConfig()
         self.linear = nn.Linear(hidden_size, len(self.labels))
         nn.init.zeros_(self.linear.weight)  # start from uniform scores: the prompt learns before the head dominates
         nn.init.zeros_(self.linear.bias)
@@ -31,7 +62,8 @@ class ClassifierHead(Head):
     @classmethod
     def from_task(cls, task: Any, backbone: Any, labels: Sequence[str]) -> ClassifierHead:
         pooling = task.pooling if backbone.kind == "causal_lm" or task.pooling == "mean" else "mean"
-        return cls(labels, backbone.kind, backbone.spec.hidden_size, task.multi_label, pooling)
+        cfg = build_section(ClassifierConfig, task.head_config, "head classifier")
+        return cls(labels, backbone.kind, backbone.spec.hidden_size, task.multi_label, pooling, cfg)
 
     def forward(self, hidden: Tensor, batch: Batch, backbone: nn.Module, num_examples: int) -> Tensor:
         if self.pooling == "mean":
@@ -68,10 +100,10 @@ class ClassifierHead(Head):
         return [tuple(self.labels[j] for j in torch.nonzero(row).flatten().tolist()) for row in chosen]
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "pooling": self.pooling}
+        return {**super().config(), "pooling": self.pooling, "threshold_metric": self.options.threshold_metric}
 
     def tune_on_dev(self, model: Any, dev_scores: Tensor, dev: Sequence[Any], mode: str) -> dict[str, Any]:
-        """Multi-label: the probability threshold that maximises dev macro-F1.
+        """Multi-label: the probability threshold that maximises the dev `threshold_metric` (default macro-F1).
 
         One threshold for all labels, chosen on dev only: per-label thresholds would be fitted to a handful of dev
         positives for rare labels (hate-speech dev: 3 to 4 for several of its 22 labels) and overfit them.
@@ -84,6 +116,6 @@ class ClassifierHead(Head):
         # Sparse label sets put many probabilities near the base rates, far below 0.05: search down to 0.01 too.
         for t in [0.01, 0.02, 0.03, 0.04] + [i / 20 for i in range(1, 20)]:
             self.threshold.fill_(t)
-            best = max(best, (score_metrics(self, dev, dev_scores)["macro_f1"], t))
+            best = max(best, (score_metrics(self, dev, dev_scores)[self.options.threshold_metric], t))
         self.threshold.fill_(best[1])
-        return {"threshold": best[1], "dev_macro_f1": best[0]}
+        return {"threshold": best[1], f"dev_{self.options.threshold_metric}": best[0]}
