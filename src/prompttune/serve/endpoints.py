@@ -170,68 +170,45 @@ class Endpoints:
     async def completions(self, request: Request) -> Response:
         req = parse_completion(await self._json(request), self.cfg)
         prompt = self.registry.get(req.model)
-        sp = req.sampling
         many = len(req.prompts) > 1
         rows = [
-            self._gen_row(prompt, p, sp.max_tokens, f"prompt[{i}]" if many else "prompt")
+            self._gen_row(prompt, p, req.sampling.max_tokens, f"prompt[{i}]" if many else "prompt")
             for i, p in enumerate(req.prompts)
         ]
-        job = Job(asyncio.get_running_loop(), len(rows) * sp.n)
-        seqs = self._sequences(prompt, rows, sp, job, self.stop_ids)
-        self._submit(job, seqs)
-        prompt_tokens = sum(len(r.ids) for r in rows)
-        rid, created = R.new_id("cmpl"), R.now()
-        if sp.stream:
-            return _sse(self._stream(job, len(seqs), rid, created, req.model, sp, prompt_tokens, chat=False))
-        results = await self._gather(job, len(seqs))
-        choices = [
-            {
-                "text": r["text"],
-                "index": i,
-                "logprobs": R.completion_logprobs(r["entries"]) if sp.logprobs is not None else None,
-                "finish_reason": r["finish"],
-            }
-            for i, r in enumerate(results)
-        ]
-        body = {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": req.model,
-            "choices": choices,
-            "usage": R.usage(prompt_tokens, sum(r["tokens"] for r in results)),
-        }
-        return JSONResponse(body)
+        return await self._respond(prompt, req.model, rows, req.sampling, self.stop_ids, chat=False)
 
     async def chat(self, request: Request) -> Response:
         req = parse_chat(await self._json(request), self.cfg)
         prompt = self.registry.get(req.model)
-        sp = req.sampling
         text = R.render_chat(self.backbone.tokenizer, req.messages)
-        row = self._gen_row(prompt, text, sp.max_tokens, "messages")
-        job = Job(asyncio.get_running_loop(), sp.n)
-        seqs = self._sequences(prompt, [row], sp, job, self.chat_stop_ids)
+        row = self._gen_row(prompt, text, req.sampling.max_tokens, "messages")
+        return await self._respond(prompt, req.model, [row], req.sampling, self.chat_stop_ids, chat=True)
+
+    async def _respond(
+        self, prompt: LoadedPrompt, model: str, rows: list[Row], sp: Sampling, stops: frozenset[int], chat: bool
+    ) -> Response:
+        """Queue `sp.n` generations per row; stream them as events or answer with one JSON body."""
+        job = Job(asyncio.get_running_loop(), len(rows) * sp.n)
+        seqs = self._sequences(prompt, rows, sp, job, stops)
         self._submit(job, seqs)
-        rid, created = R.new_id("chatcmpl"), R.now()
+        prompt_tokens = sum(len(r.ids) for r in rows)
+        rid, created = R.new_id("chatcmpl" if chat else "cmpl"), R.now()
         if sp.stream:
-            return _sse(self._stream(job, len(seqs), rid, created, req.model, sp, len(row.ids), chat=True))
+            return _sse(self._stream(job, len(seqs), rid, created, model, sp, prompt_tokens, chat=chat))
         results = await self._gather(job, len(seqs))
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": r["text"]},
-                "logprobs": R.chat_logprobs(r["entries"]) if sp.logprobs is not None else None,
-                "finish_reason": r["finish"],
-            }
-            for i, r in enumerate(results)
-        ]
+        logprobs = R.chat_logprobs if chat else R.completion_logprobs
+        choices = []
+        for i, r in enumerate(results):
+            content = {"message": {"role": "assistant", "content": r["text"]}} if chat else {"text": r["text"]}
+            lp = logprobs(r["entries"]) if sp.logprobs is not None else None
+            choices.append({**content, "index": i, "logprobs": lp, "finish_reason": r["finish"]})
         body = {
             "id": rid,
-            "object": "chat.completion",
+            "object": "chat.completion" if chat else "text_completion",
             "created": created,
-            "model": req.model,
+            "model": model,
             "choices": choices,
-            "usage": R.usage(len(row.ids), sum(r["tokens"] for r in results)),
+            "usage": R.usage(prompt_tokens, sum(r["tokens"] for r in results)),
         }
         return JSONResponse(body)
 
