@@ -391,6 +391,7 @@ def render(records: list[dict[str, Any]], timing: list[dict[str, Any]], results:
     ]
     lines += timing_table(timing)
     lines += multilabel_section(results)
+    lines += verbalizer_sections(results / "verbalizers")
     lines += serve_sections(results)
     import discrete  # the discrete-prompt benchmark renders its own section (the module imports only stdlib)
 
@@ -432,6 +433,15 @@ def multilabel_section(results: Path) -> list[str]:
         *rows,
         "",
     ]
+
+
+def verbalizer_sections(folder: Path) -> list[str]:
+    """`verbalizers.py`'s tables (verbalizer families, active selection, ensembles), one per seed it was run for."""
+    lines = []
+    for path in sorted(folder.glob("*.md")):
+        text = path.read_text().strip().splitlines()
+        lines += ["#" + text[0], *text[1:], "", f"(`python benchmarks/verbalizers.py`, from `{path.name}`)", ""]
+    return lines
 
 
 def serve_sections(results: Path) -> list[str]:
