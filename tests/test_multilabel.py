@@ -229,9 +229,34 @@ def test_label_generation_trains_saves_and_loads(data, tiny_llama, tmp_path):
     assert all(isinstance(p, tuple) and p and set(p) <= set(LABELS) and len(set(p)) == len(p) for p in predictions)
     test = tuner.evaluate(data / "test.jsonl")
     loaded = PromptTuner.load(tuner.save(tmp_path / "art"), backbone=tiny_llama)
-    assert loaded.model.head.labels == LABELS and loaded.model.head.constrain is loaded.model.head.trie
+    assert loaded.model.head.labels == LABELS and loaded.model.head.trie.names
     assert loaded.predict(texts) == predictions
     assert loaded.evaluate(data / "test.jsonl") == test
+
+
+def test_label_generation_stop_bias_is_tuned_on_dev_and_matches_decoding(data, tiny_llama, tmp_path):
+    """dev_metrics reads every bias's predictions off one decoding; they must equal really decoding with the chosen
+    bias, the tuned dev macro-F1 is at least that of bias 0, and the bias is saved with the artifact."""
+    from prompttune.evaluation import evaluate
+
+    tuner = _tuner(tiny_llama, "label_generation", max_new_tokens=12, max_steps=2, eval_every=2)
+    tuner.fit(data / "train.jsonl", data / "dev.jsonl", quiet=True)
+    model, head = tuner.model, tuner.model.head
+    dev = load_examples(data / "test.jsonl", label_columns=LABELS) * 2
+    head.stop_bias.fill_(0.0)
+    at_zero = evaluate(model, dev)["macro_f1"]
+    tuned = head.dev_metrics(model, dev, batch_size=3)
+    bias = float(head.stop_bias)
+    decoded = evaluate(model, dev)  # real greedy decoding with the chosen bias
+    for key in ("macro_f1", "micro_f1", "jaccard", "labels_per_example"):
+        assert tuned[key] == pytest.approx(decoded[key]), key
+    assert tuned["macro_f1"] >= at_zero - 1e-9
+    head.stop_bias.fill_(1e4)  # always end at the first choice: one label per answer (no label extends another)
+    assert evaluate(model, dev)["labels_per_example"] == pytest.approx(1.0)
+    head.stop_bias.fill_(bias)
+    loaded = PromptTuner.load(tuner.save(tmp_path / "art"), backbone=tiny_llama)
+    assert float(loaded.model.head.stop_bias) == pytest.approx(bias)
+    assert loaded.evaluate(dev) == evaluate(model, dev)
 
 
 def test_cli_trains_the_ptec_classifier(data, tmp_path, capsys):

@@ -101,6 +101,29 @@ def test_the_constraint_masks_logits_row_by_row():
     assert out[1, 1] == 0.0  # allowed logits are unchanged
 
 
+def test_stop_bias_moves_only_the_end_token_where_the_answer_could_go_on():
+    trie = LabelTrie(SEQUENCES, SEP, END)
+    logits = torch.zeros(3, 10)
+    prefixes = torch.tensor([[1, 2], [4, 9], [1, 3]])  # end or go on | inside a separator | end or go on (label 1)
+    out = trie(prefixes, logits, stop_bias=2.5)
+    assert out[0, END] == 2.5 and out[0, 5] == 0.0 and out[0, 9] == 0.0  # label 0 may end, extend to 3, or go on
+    assert out[1, 1] == 0.0 and torch.isinf(out[1, END])  # no choice there: the bias does nothing
+    never = trie(prefixes, logits, stop_bias=-float("inf"))
+    assert torch.isinf(never[0, END]) and torch.isinf(never[2, END])  # early ends forbidden
+    first = trie(prefixes[:, :0], logits, stop_bias=2.5)
+    assert first.isfinite().nonzero()[:, 1].tolist() == [1, 4] * 3  # the first token starts a label, never an end
+
+
+def test_choices_and_stop_margins_by_hand():
+    trie = LabelTrie(SEQUENCES, SEP, END)
+    path = [1, 2, 5, 9, 4]  # "science, music": choices after (1, 2) = label 0 and after (1, 2, 5) = label 3
+    assert trie.choices(path) == [2, 3]
+    logits = torch.zeros(len(path), 10)
+    logits[2, END], logits[2, 5], logits[2, 9] = 1.0, 3.0, 2.0  # end vs best of {extend to 5, separator}: 1 - 3
+    logits[3, END], logits[3, 9] = 0.5, -1.0  # end vs separator: 0.5 + 1
+    assert trie.stop_margins(path, logits) == [pytest.approx(-2.0), pytest.approx(1.5)]
+
+
 @pytest.mark.parametrize(
     "sequences,sep,match",
     [

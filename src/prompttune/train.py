@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .errors import PromptTuneError
-from .evaluation import score_metrics
 from .model import PromptModel
 from .types import Example, Row
 
@@ -185,9 +184,8 @@ def _train_step(
 
 def _tune_on_dev(model: PromptModel, dev: Sequence[Example], cfg: TrainConfig, calibrate: str) -> dict[str, Any]:
     """The head's dev-chosen settings (calibration, thresholds) for the selected prompt."""
-    if not model.head.is_classifier:
-        return {}
-    return model.head.tune_on_dev(model, model.scores(dev, cfg.eval_batch_size), dev, calibrate)
+    scores = model.scores(dev, cfg.eval_batch_size) if model.head.is_classifier else None
+    return model.head.tune_on_dev(model, scores, dev, calibrate)
 
 
 def _evaluate(
@@ -202,12 +200,7 @@ def _evaluate(
     """Evaluate on dev, keep the best state, checkpoint; True when early stopping triggers."""
     stop = False
     if dev:
-        if model.head.is_classifier:
-            metrics = score_metrics(model.head, dev, model.scores(dev, cfg.eval_batch_size, keep_cache=True))
-        else:
-            from .evaluation import evaluate
-
-            metrics = evaluate(model, dev, cfg.eval_batch_size)
+        metrics = model.head.dev_metrics(model, dev, cfg.eval_batch_size)
         value = metrics[metrics["primary_metric"]]
         state["log"].append({"step": state["step"], "dev": metrics})
         if state["best"] is None or value > state["best"]:

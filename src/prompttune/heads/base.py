@@ -91,6 +91,12 @@ class Head(nn.Module):
         """Generated text -> prediction: the text itself, or for heads with a label set the label(s) it names."""
         return text
 
+    def dev_metrics(self, model: Any, dev: Sequence[Example], batch_size: int) -> dict[str, Any]:
+        """Dev metrics for checkpoint selection during training (frozen dev prefixes are kept for the next call)."""
+        from ..evaluation import score_metrics
+
+        return score_metrics(self, dev, model.scores(dev, batch_size, keep_cache=True))
+
     def tune_on_dev(self, model: Any, dev_scores: Tensor, dev: Sequence[Example], mode: str) -> dict[str, Any]:
         """After training: choose decision settings (calibration, thresholds) on dev; returns what was chosen."""
         return {}

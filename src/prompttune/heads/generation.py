@@ -47,6 +47,11 @@ class GenerationHead(Head):
     def loss(self, scores: Tensor, targets: Tensor, batch: Batch) -> Tensor:
         return F.cross_entropy(scores.flatten(0, 1), batch.targets.to(scores.device).flatten(), ignore_index=-100)
 
+    def dev_metrics(self, model: Any, dev: Any, batch_size: int) -> dict[str, Any]:
+        from ..evaluation import evaluate
+
+        return evaluate(model, dev, batch_size)
+
     def encode_labels(self, examples):  # targets travel inside the rows
         return None
 

@@ -160,10 +160,29 @@ class LabelTrie:
             out.extend((self.separator if i else ()) + self.sequences[label])
         return (*out, self.end)
 
-    def __call__(self, generated: Tensor, logits: Tensor) -> Tensor:
+    def __call__(self, generated: Tensor, logits: Tensor, stop_bias: float = 0.0) -> Tensor:
         """The decoding constraint: generated (B, t) ids so far, logits (B, V) -> logits with every token the
-        grammar forbids set to -inf."""
+        grammar forbids set to -inf. `stop_bias` is added to the end token's logit wherever the answer could also
+        go on (after a complete label that may be followed by another): > 0 ends answers sooner, -inf never early."""
         mask = torch.full_like(logits, -math.inf)  # (B, V)
         for b, prefix in enumerate(generated.tolist()):
-            mask[b, self.allowed(prefix)] = 0.0
+            allowed = self.allowed(prefix)
+            mask[b, allowed] = 0.0
+            if stop_bias and len(allowed) > 1 and self.end in allowed:
+                mask[b, self.end] = stop_bias
         return logits + mask
+
+    def choices(self, path: Sequence[int]) -> list[int]:
+        """Positions k of a generated path where the answer could have ended instead of taking path[k] (a complete
+        label that another may follow)."""
+        return [k for k in range(len(path)) if self.end in (allowed := self.allowed(path[:k])) and len(allowed) > 1]
+
+    def stop_margins(self, path: Sequence[int], logits: Tensor) -> list[float]:
+        """At each of `choices(path)`, logit(end) minus the best allowed continuation; `logits` (len(path), V) are
+        the ones that predicted each path token. Greedy decoding with `stop_bias` b ends at the first choice whose
+        margin + b > 0."""
+        margins = []
+        for k in self.choices(path):
+            others = [t for t in self.allowed(path[:k]) if t != self.end]
+            margins.append(float(logits[k, self.end] - logits[k, others].max()))
+        return margins
