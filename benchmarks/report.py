@@ -396,7 +396,9 @@ def render(records: list[dict[str, Any]], timing: list[dict[str, Any]], results:
     import discrete  # the discrete-prompt benchmark renders its own section (the module imports only stdlib)
 
     lines += discrete.section(results / "discrete")
-    lines += discrete.section(results / "discrete_rl", "Discrete prompts: the learning optimisers at a larger budget")
+    lines += discrete.section(
+        results / "discrete_rl", "Discrete prompts: larger budgets (learning optimisers, OPRO with chain-of-thought)"
+    )
     lines += references()
     lines += [f"![accuracy]({rel(plots / 'accuracy.png')})", "", f"![speed]({rel(plots / 'speed.png')})", ""]
     return "\n".join(lines)
