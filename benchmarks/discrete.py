@@ -164,7 +164,9 @@ def section(folder: Path = RESULTS, title: str = "Discrete prompts (black-box se
         f"below) is used as a black box through its label-word log-probabilities; template `{TEMPLATE!r}`, label words "
         "' negative' / ' positive', every search limited to the same LLM-call budget (dev selection included), "
         "best candidate chosen on dev, test accuracy mean (std) over seeds. "
-        "Calls and seconds are per search (seconds include scoring the test rows).",
+        "Calls, steps and seconds are per search (seconds include scoring the test rows; a call is one prompt scored "
+        "on one example or one text generated). A search whose dev selection and first step do not fit the budget "
+        "shows 0 steps: it returns the manual prompt (OPRO with chain-of-thought pays two calls per example).",
         "",
     ]
     models = sorted({f"{r['model']} via {r['backend']}" for r in records})
@@ -175,8 +177,8 @@ def section(folder: Path = RESULTS, title: str = "Discrete prompts (black-box se
             f"### {dataset}",
             "",
             "| method | seeds | test acc % mean (std) | Δ vs manual pp (same seeds) | found a prompt ≠ manual "
-            f"| dev acc % | LLM calls | seconds | n_test | example prompt (seed {min(r['seed'] for r in rows)}) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| dev acc % | LLM calls | search steps | seconds | n_test | example prompt (seed {min(r['seed'] for r in rows)}) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         manual = {r["seed"]: r["test"]["accuracy"] for r in rows if r["method"] == "manual" and r.get("test")}
         names = [m for m in METHODS if any(r["method"] == m for r in rows)]
@@ -192,7 +194,8 @@ def section(folder: Path = RESULTS, title: str = "Discrete prompts (black-box se
             found = sum(bool(r["prompt"].get("text") or r["prompt"].get("demos")) for r in cell)
             lines.append(
                 f"| {name} | {len(cell)}/{len(SEEDS)} | {_ms(test)} | {delta} | {found}/{len(cell)} "
-                f"| {_ms(dev).split(' ')[0]} | {calls:.0f} | {seconds:.0f} | {cell[0]['n_test']} "
+                f"| {_ms(dev).split(' ')[0]} | {calls:.0f} | {statistics.fmean(r.get('steps', 0) for r in cell):.0f} "
+                f"| {seconds:.0f} | {cell[0]['n_test']} "
                 f"| `{shown[:80] or '(empty)'}` |"
             )
         lines.append("")
