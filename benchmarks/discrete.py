@@ -177,7 +177,8 @@ def section(folder: Path = RESULTS, title: str = "Discrete prompts (black-box se
             f"### {dataset}",
             "",
             "| method | seeds | test acc % mean (std) | Δ vs manual pp (same seeds) | found a prompt ≠ manual "
-            f"| dev acc % | LLM calls | search steps | seconds | n_test | example prompt (seed {min(r['seed'] for r in rows)}) |",
+            "| dev acc % | LLM calls | search steps | seconds | n_test "
+            f"| example prompt (seed {min(r['seed'] for r in rows)}) |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         manual = {r["seed"]: r["test"]["accuracy"] for r in rows if r["method"] == "manual" and r.get("test")}
