@@ -137,7 +137,7 @@ def test_threshold_metric_jaccard_picks_fewer_labels_than_macro_f1():
     """Sparse gold sets: macro-F1 rewards catching the rare label (low threshold), Jaccard the per-example overlap
     (high threshold); each option maximises its own dev metric over the same grid."""
     from prompttune.evaluation import score_metrics
-    from prompttune.heads.classifier import ClassifierConfig
+    from prompttune.heads.base import ThresholdConfig
 
     labels = ["common", "rare"]
     gold = [("common",)] * 6 + [("rare",)] + [()] * 3
@@ -150,7 +150,7 @@ def test_threshold_metric_jaccard_picks_fewer_labels_than_macro_f1():
     scores = torch.logit(probs)
     chosen = {}
     for metric in ("macro_f1", "jaccard"):
-        head = ClassifierHead(labels, "causal_lm", 4, multi_label=True, config=ClassifierConfig(metric))
+        head = ClassifierHead(labels, "causal_lm", 4, multi_label=True, config=ThresholdConfig(metric))
         tuned = head.tune_on_dev(None, scores, dev, "none")
         grid = [0.01, 0.02, 0.03, 0.04] + [i / 20 for i in range(1, 20)]
         best = max(score_metrics(_at(head, t), dev, scores)[metric] for t in grid)
@@ -160,11 +160,11 @@ def test_threshold_metric_jaccard_picks_fewer_labels_than_macro_f1():
         chosen[metric] = tuned["threshold"]
     assert chosen["macro_f1"] <= 0.15 and chosen["jaccard"] > 0.18  # macro-F1 keeps the rare label, Jaccard drops it
     assert (
-        ClassifierHead(labels, "causal_lm", 4, True, config=ClassifierConfig("jaccard")).config()["threshold_metric"]
+        ClassifierHead(labels, "causal_lm", 4, True, config=ThresholdConfig("jaccard")).config()["threshold_metric"]
         == "jaccard"
     )
     with pytest.raises(PromptTuneError, match="threshold_metric"):
-        ClassifierConfig("accuracy")
+        ThresholdConfig("accuracy")
 
 
 def _at(head, t):
@@ -234,23 +234,27 @@ def test_label_generation_trains_saves_and_loads(data, tiny_llama, tmp_path):
     assert loaded.evaluate(data / "test.jsonl") == test
 
 
-def test_label_generation_stop_bias_is_tuned_on_dev_and_matches_decoding(data, tiny_llama, tmp_path):
+@pytest.mark.parametrize("metric", ["macro_f1", "jaccard"])
+def test_label_generation_stop_bias_is_tuned_on_dev_and_matches_decoding(metric, data, tiny_llama, tmp_path):
     """dev_metrics reads every bias's predictions off one decoding; they must equal really decoding with the chosen
     bias, the tuned dev macro-F1 is at least that of bias 0, and the bias is saved with the artifact."""
     from prompttune.evaluation import evaluate
 
-    tuner = _tuner(tiny_llama, "label_generation", max_new_tokens=12, max_steps=2, eval_every=2)
+    tuner = _tuner(
+        tiny_llama, "label_generation", max_new_tokens=12, max_steps=2, eval_every=2, threshold_metric=metric
+    )
     tuner.fit(data / "train.jsonl", data / "dev.jsonl", quiet=True)
     model, head = tuner.model, tuner.model.head
     dev = load_examples(data / "test.jsonl", label_columns=LABELS) * 2
+    assert head.options.threshold_metric == metric and head.config()["threshold_metric"] == metric
     head.stop_bias.fill_(0.0)
-    at_zero = evaluate(model, dev)["macro_f1"]
+    at_zero = evaluate(model, dev)[metric]
     tuned = head.dev_metrics(model, dev, batch_size=3)
     bias = float(head.stop_bias)
     decoded = evaluate(model, dev)  # real greedy decoding with the chosen bias
     for key in ("macro_f1", "micro_f1", "jaccard", "labels_per_example"):
         assert tuned[key] == pytest.approx(decoded[key]), key
-    assert tuned["macro_f1"] >= at_zero - 1e-9
+    assert tuned[metric] >= at_zero - 1e-9
     head.stop_bias.fill_(1e4)  # always end at the first choice: one label per answer (no label extends another)
     assert evaluate(model, dev)["labels_per_example"] == pytest.approx(1.0)
     head.stop_bias.fill_(bias)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -104,6 +105,27 @@ class Head(nn.Module):
     def config(self) -> dict[str, Any]:
         """JSON-able description saved as head.json."""
         return {"head": self.name, "labels": self.labels, "multi_label": self.multi_label}
+
+
+THRESHOLD_METRICS = ("macro_f1", "micro_f1", "jaccard")
+
+
+@dataclass
+class ThresholdConfig:
+    """Options of the heads whose multi-label decisions have a dev-tuned threshold (`classifier`: a probability
+    threshold; `label_generation`: a stop bias)."""
+
+    threshold_metric: str = "macro_f1"
+    """Multi-label: the dev metric the decision threshold (or stop bias) maximises: `macro_f1` (every label counts
+    the same: favours recall on rare labels), `micro_f1` or `jaccard` (per-example overlap, as PTEC's repository
+    reports: favours predicting few labels on sparse label sets)."""
+
+    def __post_init__(self) -> None:
+        if self.threshold_metric not in THRESHOLD_METRICS:
+            raise PromptTuneError(
+                f"head config field 'threshold_metric': expected one of {', '.join(THRESHOLD_METRICS)}, "
+                f"got {self.threshold_metric!r}"
+            )
 
 
 def gather_positions(hidden: Tensor, positions: Tensor) -> Tensor:

@@ -5,7 +5,6 @@ decision threshold chosen on dev)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,33 +13,13 @@ from torch import Tensor, nn
 
 from ..config import build_section
 from ..data.collate import Batch
-from ..errors import PromptTuneError
 from ..registry import register_head
-from .base import Head, gather_positions
-
-THRESHOLD_METRICS = ("macro_f1", "micro_f1", "jaccard")
-
-
-@dataclass
-class ClassifierConfig:
-    """Options of the classifier head (`head: classifier`)."""
-
-    threshold_metric: str = "macro_f1"
-    """Multi-label: the dev metric the decision threshold maximises: `macro_f1` (every label counts the same: favours
-    recall on rare labels), `micro_f1` or `jaccard` (per-example overlap, as PTEC's repository reports: favours
-    predicting few labels on sparse label sets)."""
-
-    def __post_init__(self) -> None:
-        if self.threshold_metric not in THRESHOLD_METRICS:
-            raise PromptTuneError(
-                f"head classifier: field 'threshold_metric': expected one of {', '.join(THRESHOLD_METRICS)}, "
-                f"got {self.threshold_metric!r}"
-            )
+from .base import THRESHOLD_METRICS, Head, ThresholdConfig, gather_positions  # noqa: F401 (re-exported)
 
 
 @register_head("classifier")
 class ClassifierHead(Head):
-    config_cls = ClassifierConfig
+    config_cls = ThresholdConfig
 
     def __init__(
         self,
@@ -49,11 +28,11 @@ class ClassifierHead(Head):
         hidden_size: int,
         multi_label: bool = False,
         pooling: str = "answer",
-        config: ClassifierConfig | None = None,
+        config: ThresholdConfig | None = None,
     ):
         super().__init__(labels, kind, multi_label)
         self.pooling = pooling
-        self.options = config or ClassifierConfig()
+        self.options = config or ThresholdConfig()
         self.linear = nn.Linear(hidden_size, len(self.labels))
         nn.init.zeros_(self.linear.weight)  # start from uniform scores: the prompt learns before the head dominates
         nn.init.zeros_(self.linear.bias)
@@ -62,7 +41,7 @@ class ClassifierHead(Head):
     @classmethod
     def from_task(cls, task: Any, backbone: Any, labels: Sequence[str]) -> ClassifierHead:
         pooling = task.pooling if backbone.kind == "causal_lm" or task.pooling == "mean" else "mean"
-        cfg = build_section(ClassifierConfig, task.head_config, "head classifier")
+        cfg = build_section(ThresholdConfig, task.head_config, "head classifier")
         return cls(labels, backbone.kind, backbone.spec.hidden_size, task.multi_label, pooling, cfg)
 
     def forward(self, hidden: Tensor, batch: Batch, backbone: nn.Module, num_examples: int) -> Tensor:

@@ -15,7 +15,8 @@ the model chooses between the end token and going on, and a few hundred training
 teach a small model to stop (SmolLM2-135M on hate speech named ~8 of 22 labels per comment, gold ~1.5). So
 multi-label dev evaluation tunes a stop bias added to the end token's logit at those choices: dev is decoded once
 with early ends forbidden, the path is scored by teacher forcing to get every choice's margin (end vs the best
-continuation), and the bias maximising dev macro-F1 is read off without decoding again (greedy decoding with bias
+continuation), and the bias maximising the dev `threshold_metric` (macro-F1 by default, or micro-F1 or Jaccard) is
+read off without decoding again (greedy decoding with bias
 b stops at the first choice whose margin + b > 0). The bias is a buffer: selected with its checkpoint, saved with
 the artifact.
 """
@@ -29,11 +30,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..config import build_section
 from ..data.templates import Prompt
 from ..errors import PromptTuneError
 from ..registry import register_head
 from ..types import Example, Row
-from .base import Head
+from .base import Head, ThresholdConfig
 from .generation import GenerationHead
 from .trie import LabelTrie
 
@@ -42,6 +44,10 @@ SEPARATOR = ","
 
 @register_head("label_generation")
 class LabelGenerationHead(GenerationHead):
+    # `threshold_metric` is the dev metric the stop bias maximises (the same trade-off as a
+    # classifier's threshold: macro-F1 favours more labels, Jaccard fewer).
+    config_cls = ThresholdConfig
+
     def __init__(
         self,
         labels: Sequence[str],
@@ -49,8 +55,10 @@ class LabelGenerationHead(GenerationHead):
         tokenizer: Any,
         multi_label: bool = False,
         max_new_tokens: int = 32,
+        config: ThresholdConfig | None = None,
     ):
         super().__init__(kind, tokenizer, max_new_tokens)
+        self.options = config or ThresholdConfig()
         if not labels:
             raise PromptTuneError(
                 "the label_generation head needs a label set: set labels or label_columns, or give labelled data"
@@ -75,7 +83,8 @@ class LabelGenerationHead(GenerationHead):
 
     @classmethod
     def from_task(cls, task: Any, backbone: Any, labels: Sequence[str]) -> LabelGenerationHead:
-        return cls(labels, backbone.kind, backbone.tokenizer, task.multi_label, task.max_new_tokens)
+        cfg = build_section(ThresholdConfig, task.head_config, "head label_generation")
+        return cls(labels, backbone.kind, backbone.tokenizer, task.multi_label, task.max_new_tokens, cfg)
 
     def _label_ids(self, target: Any) -> list[int]:
         values = target if isinstance(target, (tuple, list)) else (target,)
@@ -112,7 +121,8 @@ class LabelGenerationHead(GenerationHead):
         cuts = sorted({-m for choices, _ in options for m, _ in choices})
         cuts = cuts[:: max(1, len(cuts) // 400)]  # a few hundred candidates are plenty for one scalar
         candidates = [0.0, -1e4, 1e4, *[c + 1e-4 for c in cuts]]
-        best = max(candidates, key=lambda b: (M.multilabel(gold, predict(b), self.labels)["macro_f1"], -abs(b)))
+        metric = self.options.threshold_metric
+        best = max(candidates, key=lambda b: (M.multilabel(gold, predict(b), self.labels)[metric], -abs(b)))
         self.stop_bias.fill_(best)
         return {**M.multilabel(gold, predict(best), self.labels), "primary_metric": "macro_f1"}
 
@@ -173,7 +183,8 @@ class LabelGenerationHead(GenerationHead):
         return found[0] if found else None
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "labels": self.labels, "multi_label": self.multi_label, "separator": SEPARATOR}
+        extra = {"separator": SEPARATOR, "threshold_metric": self.options.threshold_metric}
+        return {**super().config(), "labels": self.labels, "multi_label": self.multi_label, **extra}
 
 
 def _reads(prompt: Row, path: Sequence[int]) -> tuple[int, ...]:
