@@ -121,7 +121,7 @@ def test_choices_and_stop_margins_by_hand():
     logits = torch.zeros(len(path), 10)
     logits[2, END], logits[2, 5], logits[2, 9] = 1.0, 3.0, 2.0  # end vs best of {extend to 5, separator}: 1 - 3
     logits[3, END], logits[3, 9] = 0.5, -1.0  # end vs separator: 0.5 + 1
-    assert trie.stop_margins(path, logits) == [pytest.approx(-2.0), pytest.approx(1.5)]
+    assert trie.stop_margins(path, logits) == [(2, pytest.approx(-2.0)), (3, pytest.approx(1.5))]
 
 
 @pytest.mark.parametrize(

@@ -120,7 +120,7 @@ def fit(
         tic = time.perf_counter()
         idx = batch_indices(state["step"], len(train), cfg.batch_size, cfg.seed)
         idx = idx[accelerator.process_index :: accelerator.num_processes]  # this process's share (DDP)
-        loss = _train_step(model, wrapped, accelerator, [train_rows[i] for i in idx], targets, idx, cfg, optimizer)
+        loss = _train_step(model, wrapped, accelerator, train_rows, targets, idx, cfg, optimizer)
         scheduler.step()
         state["step"] = step = state["step"] + 1
         step_seconds.append(time.perf_counter() - tic)
@@ -163,14 +163,15 @@ def _train_step(
     model: PromptModel,
     wrapped: Any,
     accelerator: Accelerator,
-    examples: list[list[Row]],
+    train_rows: list[list[Row]],
     targets: Tensor | None,
     idx: list[int],
     cfg: TrainConfig,
     optimizer: torch.optim.Optimizer,
 ) -> Tensor:
-    """One optimiser step on the batch `idx` (each example's encoded rows in `examples`); returns the loss."""
-    rows = [Row(r.ids, r.soft, r.read, r.targets, j, r.option) for j, encoded in enumerate(examples) for r in encoded]
+    """One optimiser step on the training examples `idx` (`train_rows`: each example's encoded rows); returns the
+    loss."""
+    rows = [Row(r.ids, r.soft, r.read, r.targets, j, r.option) for j, i in enumerate(idx) for r in train_rows[i]]
     batch = model.make_batch(rows)
     scores = wrapped(batch, len(idx))
     loss = model.head.loss(scores, None if targets is None else targets[idx].to(scores.device), batch)

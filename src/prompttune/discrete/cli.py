@@ -64,8 +64,8 @@ def cmd_search(args: argparse.Namespace) -> dict[str, Any]:
     if flags.get("optimizer", values.get("optimizer")) != values.get("optimizer"):
         values.pop("optimizer_config", None)  # the YAML's optimiser options belong to another optimiser
     values.update(flags)  # flat optimiser flags override the YAML's optimizer_config inside search()
-    out = args.out or values.get("out")
-    values.pop("out", None)
+    file_out = values.pop("out", None)
+    out = args.out or file_out  # `--out` overrides the file's `out`
     if not out:
         raise PromptTuneError("no output directory: pass --out DIR (or set `out:` in the config)")
     optimizer = values.pop("optimizer", "random")

@@ -16,9 +16,8 @@ teach a small model to stop (SmolLM2-135M on hate speech named ~8 of 22 labels p
 multi-label dev evaluation tunes a stop bias added to the end token's logit at those choices: dev is decoded once
 with early ends forbidden, the path is scored by teacher forcing to get every choice's margin (end vs the best
 continuation), and the bias maximising the dev `threshold_metric` (macro-F1 by default, or micro-F1 or Jaccard) is
-read off without decoding again (greedy decoding with bias
-b stops at the first choice whose margin + b > 0). The bias is a buffer: selected with its checkpoint, saved with
-the artifact.
+read off without decoding again (greedy decoding with bias b stops at the first choice whose margin + b > 0). The
+bias is a buffer: selected with its checkpoint, saved with the artifact.
 """
 
 from __future__ import annotations
@@ -152,9 +151,7 @@ class LabelGenerationHead(GenerationHead):
             for j, i in enumerate(chunk):
                 path = paths[i]
                 margins = self.trie.stop_margins(path, logits[j, : len(path)].float())
-                out[i][0].extend(
-                    (m, self._names(path[:k])) for m, k in zip(margins, self.trie.choices(path), strict=True)
-                )
+                out[i][0].extend((m, self._names(path[:k])) for k, m in margins)
         return out
 
     def tune_on_dev(self, model: Any, dev_scores: Any, dev: Sequence[Example], mode: str) -> dict[str, Any]:

@@ -168,21 +168,24 @@ class LabelTrie:
         for b, prefix in enumerate(generated.tolist()):
             allowed = self.allowed(prefix)
             mask[b, allowed] = 0.0
-            if stop_bias and len(allowed) > 1 and self.end in allowed:
+            if stop_bias and self._is_choice(allowed):
                 mask[b, self.end] = stop_bias
         return logits + mask
 
-    def choices(self, path: Sequence[int]) -> list[int]:
-        """Positions k of a generated path where the answer could have ended instead of taking path[k] (a complete
-        label that another may follow)."""
-        return [k for k in range(len(path)) if self.end in (allowed := self.allowed(path[:k])) and len(allowed) > 1]
+    def _is_choice(self, allowed: list[int]) -> bool:
+        """The answer may end here or go on (a complete label that another may follow)."""
+        return self.end in allowed and len(allowed) > 1
 
-    def stop_margins(self, path: Sequence[int], logits: Tensor) -> list[float]:
-        """At each of `choices(path)`, logit(end) minus the best allowed continuation; `logits` (len(path), V) are
-        the ones that predicted each path token. Greedy decoding with `stop_bias` b ends at the first choice whose
-        margin + b > 0."""
+    def choices(self, path: Sequence[int]) -> list[int]:
+        """Positions k of a generated path where the answer could have ended instead of taking path[k]."""
+        return [k for k in range(len(path)) if self._is_choice(self.allowed(path[:k]))]
+
+    def stop_margins(self, path: Sequence[int], logits: Tensor) -> list[tuple[int, float]]:
+        """(k, logit(end) minus the best allowed continuation) at each of `choices(path)`; `logits` (len(path), V)
+        are the ones that predicted each path token. Greedy decoding with `stop_bias` b ends at the first choice
+        whose margin + b > 0."""
         margins = []
         for k in self.choices(path):
             others = [t for t in self.allowed(path[:k]) if t != self.end]
-            margins.append(float(logits[k, self.end] - logits[k, others].max()))
+            margins.append((k, float(logits[k, self.end] - logits[k, others].max())))
         return margins
