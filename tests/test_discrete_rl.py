@@ -18,16 +18,8 @@ from prompttune.config import TaskConfig
 from prompttune.data.examples import load_examples
 from prompttune.discrete.api import search
 from prompttune.discrete.base import Candidate, example_key
-from prompttune.discrete.directional_stimulus import (
-    DirectionalStimulus,
-    DirectionalStimulusConfig,
-    input_words,
-    pl_log_prob,
-    pl_sample,
-    tfidf_targets,
-    without_word,
-    word_features,
-)
+from prompttune.discrete.directional_stimulus import DirectionalStimulus, DirectionalStimulusConfig
+from prompttune.discrete.hints import input_words, pl_log_prob, pl_sample, tfidf_targets, without_word, word_features
 from prompttune.discrete.loop import CHECKPOINT, SearchConfig, make_context
 from prompttune.discrete.loop import search as run_loop
 from prompttune.discrete.rl import gap, gap_reward, policy_backbone, vr_policy_gradient_weights, zscore
