@@ -14,7 +14,8 @@ from prompttune.api import build_model, make_config
 from prompttune.cli import main
 from prompttune.data.examples import load_examples
 from prompttune.errors import PromptTuneError
-from prompttune.heads.knowledgeable import expand_from_embeddings, read_related_words, relevance
+from prompttune.heads.knowledgeable import relevance
+from prompttune.heads.label_words import expand_from_embeddings, read_related_words
 from prompttune.types import PromptInputs
 
 TEMPLATE = "Review: {text} Sentiment:{answer}"

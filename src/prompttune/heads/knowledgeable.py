@@ -20,11 +20,8 @@ the class scores (`calibrate`).
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,9 +33,8 @@ from ..errors import PromptTuneError
 from ..registry import register_head
 from ..types import Example
 from .base import gather_positions
+from .label_words import related_words
 from .verbalizer import VerbalizerHead
-
-_WORD = re.compile(r" [^\W\d_]{2,}")  # a leading space, then two or more letters: a whole word after a space
 
 
 @dataclass
@@ -112,24 +108,10 @@ class KnowledgeableVerbalizerHead(VerbalizerHead):
         if not task.verbalizer:
             raise PromptTuneError("config field 'verbalizer': the kpt head expands label words, e.g. '0= bad,1= good'")
         anchors = {label: list(task.verbalizer[label]) for label in labels}
-        tok = backbone.tokenizer
-        related = {label: [] for label in labels}
-        if cfg.related_words is not None:
-            related = read_related_words(cfg.related_words, anchors)
-        related = {
-            label: [
-                w for w in related[label] if len(tok(w, add_special_tokens=False)["input_ids"]) <= cfg.max_word_tokens
-            ]
-            for label in labels
-        }
-        if cfg.expand:
-            taken = {label: anchors[label] + related[label] for label in labels}
-            vocab = min(len(tok), backbone.spec.vocab_size)
-            embeddings = backbone.spec.embed_tokens(torch.arange(vocab, device=backbone.device)).detach().float().cpu()
-            extra = expand_from_embeddings(embeddings, tok, taken, cfg.expand)
-            related = {label: related[label] + extra[label] for label in labels}
+        related = related_words(anchors, backbone, cfg.related_words, cfg.expand, cfg.max_word_tokens)
         words = {label: anchors[label] + related[label] for label in labels}
-        return cls(labels, backbone.kind, words, tok, {label: len(anchors[label]) for label in labels}, cfg)
+        counts = {label: len(anchors[label]) for label in labels}
+        return cls(labels, backbone.kind, words, backbone.tokenizer, counts, cfg)
 
     @classmethod
     def from_saved(
@@ -231,89 +213,3 @@ def relevance(probs: Tensor, word_class: Tensor, is_anchor: Tensor) -> Tensor:
     own = r.gather(1, word_class[:, None])[:, 0]  # (W,)
     others = (r.sum(1) - own) / max(C - 1, 1)  # (W,)
     return own / others.clamp_min(1e-12)
-
-
-def expand_from_embeddings(
-    embeddings: Tensor, tokenizer: Any, taken: dict[str, list[str]], k: int
-) -> dict[str, list[str]]:
-    """The `k` nearest whole-word tokens of each label in input-embedding space, each word given to one label.
-
-    A candidate is a token that decodes to a leading space plus letters and encodes back to itself alone. Its
-    similarity to a label is the largest cosine to one of the label's words (mean of the word's token embeddings);
-    it goes to the label it is most similar to, unless it matches (case-insensitively) a word another label already
-    has: then it is skipped. Ties break on the token id, so the result is deterministic.
-
-    Args:
-        embeddings: (V, D) input embeddings of the vocabulary.
-        taken: label -> the words it already has (its own first).
-    Returns:
-        label -> up to `k` new words, most similar first.
-    """
-    labels = list(taken)
-    owner = {w.strip().lower(): label for label in labels for w in taken[label]}
-    have = {w for label in labels for w in taken[label]}
-    decoded = tokenizer.batch_decode([[i] for i in range(embeddings.shape[0])])
-    ids = [i for i, text in enumerate(decoded) if _WORD.fullmatch(text) and text not in have]
-    encoded = tokenizer([decoded[i] for i in ids], add_special_tokens=False)["input_ids"]
-    cand = [(i, decoded[i]) for i, e in zip(ids, encoded, strict=True) if e == [i]]
-    if not cand:
-        return {label: [] for label in labels}
-    unit = F.normalize(embeddings.float(), dim=-1)  # (V, D)
-    sims = []
-    for label in labels:
-        anchors = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in taken[label]]
-        vecs = F.normalize(torch.stack([embeddings[a].float().mean(0) for a in anchors if a]), dim=-1)  # (A, D)
-        sims.append((unit[[i for i, _ in cand]] @ vecs.T).max(-1).values)  # (K,)
-    sim = torch.stack(sims, 1)  # (K, C)
-    best, which = sim.max(1)  # (K,)
-    order = sorted(range(len(cand)), key=lambda j: (-float(best[j]), cand[j][0]))
-    out: dict[str, list[str]] = {label: [] for label in labels}
-    for j in order:
-        label, form = labels[int(which[j])], cand[j][1].strip().lower()
-        if len(out[label]) < k and owner.setdefault(form, label) == label:
-            out[label].append(cand[j][1])
-    return out
-
-
-def read_related_words(source: Any, anchors: dict[str, list[str]]) -> dict[str, list[str]]:
-    """label -> related words from a mapping, a JSON file or `label<TAB>w, w` lines; no word under two labels."""
-    where = "head kpt: related_words"
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise PromptTuneError(f"{where}: {path}: no such file")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".json":
-            try:
-                source = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise PromptTuneError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-        else:
-            source, where = {}, str(path)
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                if "\t" not in line:
-                    raise PromptTuneError(f"{path}:{n}: expected 'label<TAB>word, word, ...', got {line!r}")
-                label, words = line.split("\t", 1)
-                source.setdefault(label.strip(), []).extend(words.split(","))
-    if not isinstance(source, dict):
-        raise PromptTuneError(f"{where}: expected a mapping label -> words, got {type(source).__name__}")
-    out: dict[str, list[str]] = {label: [] for label in anchors}
-    owner = {w.strip().lower(): label for label in anchors for w in anchors[label]}
-    for label, words in source.items():
-        label = str(label)
-        if label not in anchors:
-            raise PromptTuneError(f"{where}: label {label!r} is not one of {list(anchors)}")
-        space = " " if all(w.startswith(" ") for w in anchors[label]) else ""
-        for word in [words] if isinstance(words, str) else list(words):
-            word = str(word).strip()
-            if not word:
-                continue
-            if owner.setdefault(word.lower(), label) != label:
-                raise PromptTuneError(
-                    f"{where}: word {word!r} is given to labels {owner[word.lower()]!r} and {label!r}"
-                )
-            if space + word not in anchors[label] + out[label]:
-                out[label].append(space + word)
-    return out
