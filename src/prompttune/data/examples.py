@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -240,3 +241,32 @@ def _as_label(value: Any, line: str = "<data>", column: str | None = None) -> st
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value).strip()
+
+
+def write_examples(path: str | Path, examples: Sequence[Example], label_column: str = "label") -> Path:
+    """Write examples as TSV/CSV (header row) or JSONL, chosen by suffix; atomically (temp file + rename)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".tsv", ".csv", ".jsonl"):
+        raise PromptTuneError(f"{path}: unknown output format {suffix!r}; expected .tsv, .csv or .jsonl")
+    columns = list(dict.fromkeys(c for ex in examples for c in ex.fields))
+    labelled = any(ex.label is not None for ex in examples)
+    records = []
+    for ex in examples:
+        rec: dict[str, Any] = {c: ex.fields.get(c, "") for c in columns}
+        if labelled:
+            rec[label_column] = list(ex.label) if isinstance(ex.label, tuple) else ex.label
+        records.append(rec)
+    if suffix == ".jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    else:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(records[0]), delimiter="\t" if suffix == ".tsv" else ",")
+        writer.writeheader()
+        writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in records)
+        text = buf.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path

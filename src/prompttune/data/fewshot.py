@@ -19,12 +19,8 @@ seeded k-shot sampling).
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -252,36 +248,6 @@ def sample_k_shot(examples: Sequence[Example], k_per_class: int, seed: int) -> l
     return [examples[i] for i in select_indices(k, "random", cfg, groups=[ex.label for ex in examples])]
 
 
-# ---- writing ----------------------------------------------------------------------------------------------------
-def write_examples(path: str | Path, examples: Sequence[Example], label_column: str = "label") -> Path:
-    """Write examples as TSV/CSV (header row) or JSONL, chosen by suffix; atomically (temp file + rename)."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".tsv", ".csv", ".jsonl"):
-        raise PromptTuneError(f"{path}: unknown output format {suffix!r}; expected .tsv, .csv or .jsonl")
-    columns = list(dict.fromkeys(c for ex in examples for c in ex.fields))
-    labelled = any(ex.label is not None for ex in examples)
-    records = []
-    for ex in examples:
-        rec: dict[str, Any] = {c: ex.fields.get(c, "") for c in columns}
-        if labelled:
-            rec[label_column] = list(ex.label) if isinstance(ex.label, tuple) else ex.label
-        records.append(rec)
-    if suffix == ".jsonl":
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    else:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(records[0]), delimiter="\t" if suffix == ".tsv" else ",")
-        writer.writeheader()
-        writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in records)
-        text = buf.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
 # ---- CLI: `prompttune select` ---------------------------------------------------------------------------------------
 def add_select_verb(verbs: Any, make_verb: Any) -> None:
     """Register `prompttune select` (flags from `SelectConfig`; template and label words as for `train`)."""
@@ -304,7 +270,7 @@ def _cmd(args: Any) -> dict[str, Any]:
     from ..backbones import load_backbone
     from ..cli import _print_table
     from ..config import build_section
-    from .examples import load_examples
+    from .examples import load_examples, write_examples
 
     cfg = build_section(SelectConfig, {n: getattr(args, n) for n in args.select_fields if hasattr(args, n)}, "select")
     pool = load_examples(args.pool, args.label_field, require_label=False)
