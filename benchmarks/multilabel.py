@@ -4,6 +4,7 @@ arXiv 2309.12075), its text-to-text alternative (labels generated under a trie c
 
     python benchmarks/multilabel.py                             # every variant -> results/multilabel-<variant>.json
     python benchmarks/multilabel.py --variants ptec_classifier  # one variant
+    python benchmarks/multilabel.py --variants ptec_classifier --method ept   # another soft prompt, same head
     python benchmarks/multilabel.py --max-steps 3 --limit 20    # smoke run -> results/quick/ (not committed)
 
 Protocol: train on `train_preprocessed.json`, choose the step (and the classifier's probability threshold) on
@@ -78,7 +79,8 @@ def run_tuned(
     if args.max_steps is not None:
         options.update(max_steps=args.max_steps, eval_every=max(1, args.max_steps))
     base = read_run_config(CONFIG)
-    cfg = make_config(backbone.spec.name, base.method, base=base, **options)
+    # Another method keeps the config's task and training settings and takes its own defaults (its benchmark size).
+    cfg = make_config(backbone.spec.name, args.method or base.method, base=base, **options)
     tuner = PromptTuner(config=cfg, backbone=backbone)
     result = tuner.fit(splits["train"], splits["dev"], quiet=not args.verbose)
     tic = time.perf_counter()
@@ -128,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--data-dir", type=Path, default=DATA, help="folder holding the *_preprocessed.json files")
     p.add_argument("--seed", type=int, default=13, help="seed for initialisation and data order")
+    p.add_argument("--method", help="soft-prompt method under each head (default: the config's prompt_tuning)")
     p.add_argument("--max-steps", type=int, help="override the step budget (smoke runs; dev is scored at the end)")
     p.add_argument("--limit", type=int, help="use only the first N rows of each split (smoke runs)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2, the machine's cores)")
@@ -150,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     columns, splits = load_splits(args.data_dir, args.limit)
     sizes = {f"n_{k}": len(v) for k, v in splits.items()}
     print(f"hatespeech: {len(columns)} labels, {sizes} -> {args.results}", flush=True)
-    backbone, model_name = None, read_run_config(CONFIG).model
+    base = read_run_config(CONFIG)
+    backbone, model_name = None, base.model
+    args.method = None if args.method == base.method else args.method  # the config's own method keeps its file name
     env = environment()
     for variant in args.variants:
         gc.collect()
@@ -178,10 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **env,
         }
-        write_json(args.results / f"multilabel-{variant}.json", record)
+        tag = variant if overrides is None or not args.method else f"{variant}-{args.method}"
+        write_json(args.results / f"multilabel-{tag}.json", record)
         test = record["test"]
         print(
-            f"{variant:18s} test macro-F1 {test['macro_f1']:.4f}  micro-F1 {test['micro_f1']:.4f}  "
+            f"{tag:18s} test macro-F1 {test['macro_f1']:.4f}  micro-F1 {test['micro_f1']:.4f}  "
             f"Jaccard {test['jaccard']:.4f}  ({record['wall_seconds']:.0f} s)",
             flush=True,
         )

@@ -418,9 +418,9 @@ def multilabel_section(results: Path) -> list[str]:
             variants.append((f"{r['variant']}, threshold on dev {metric} ({point['threshold']:g})", point["test"]))
         for name, t in variants:
             rows.append(
-                f"| {name} | {r.get('head', '–')} | {fmt(t['macro_f1'], 3)} | {fmt(t['micro_f1'], 3)} | "
-                f"{fmt(t['jaccard'], 3)} | {fmt(t.get('labels_per_example'), 2)} | {r.get('steps', '–')} | "
-                f"{fmt(r.get('seconds_per_step'), 2)} | {r.get('trainable_params', 0):,} |"
+                f"| {name} | {r.get('method', '–')} | {r.get('head', '–')} | {fmt(t['macro_f1'], 3)} | "
+                f"{fmt(t['micro_f1'], 3)} | {fmt(t['jaccard'], 3)} | {fmt(t.get('labels_per_example'), 2)} | "
+                f"{r.get('steps', '–')} | {fmt(r.get('seconds_per_step'), 2)} | {r.get('trainable_params', 0):,} |"
             )
     if not rows:
         return []
@@ -431,8 +431,9 @@ def multilabel_section(results: Path) -> list[str]:
         "`../shared/data/hatespeech-multilabel`, SmolLM2-135M; threshold and step chosen on dev only). Macro-F1, "
         "micro-F1 and sample-wise Jaccard on the full test split.",
         "",
-        "| variant | head | macro-F1 | micro-F1 | Jaccard | labels/example | steps | s/step | trainable params |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | method | head | macro-F1 | micro-F1 | Jaccard | labels/example | steps | s/step | "
+        "trainable params |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
         "",
     ]
