@@ -440,12 +440,54 @@ def multilabel_section(results: Path) -> list[str]:
 
 
 def verbalizer_sections(folder: Path) -> list[str]:
-    """`verbalizers.py`'s tables (verbalizer families, active selection, ensembles), one per seed it was run for."""
-    lines = []
+    """`verbalizers.py`'s results: a table over seeds (mean, std, and each row's paired difference to prompt tuning with
+    the plain verbalizer, the row every 16-shot alternative replaces), then the per-seed tables it wrote."""
+    runs = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            runs.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as err:
+            print(f"skipping {path}: {err}", file=sys.stderr)
+    lines = verbalizer_summary(runs) if len(runs) > 1 else []
     for path in sorted(folder.glob("*.md")):
         text = path.read_text().strip().splitlines()
         lines += ["#" + text[0], *text[1:], "", f"(`python benchmarks/verbalizers.py`, from `{path.name}`)", ""]
     return lines
+
+
+VERBALIZER_REFERENCE = "prompt_tuning + verbalizer"
+
+
+def verbalizer_summary(runs: list[dict[str, Any]]) -> list[str]:
+    """Rows of `verbalizers.py` over its seeds: test accuracy mean (std) and the paired difference to the reference."""
+    per_row: dict[str, dict[int, float]] = {}
+    groups: dict[str, str] = {}
+    for run in runs:
+        for row in run["rows"]:
+            per_row.setdefault(row["row"], {})[run["seed"]] = 100 * row["test_accuracy"]
+            groups[row["row"]] = row["group"]
+    ref = per_row.get(VERBALIZER_REFERENCE, {})
+    seeds = sorted(run["seed"] for run in runs)
+    tests = sorted({run.get("n_test") for run in runs}, key=str)
+    lines = [
+        "## Verbalizers, active selection, ensembles: over seeds",
+        "",
+        f"SST-2 16-shot, seeds {', '.join(map(str, seeds))}, {'/'.join(map(str, tests))} test rows per seed "
+        f"(`python benchmarks/verbalizers.py --seed S`). Test accuracy %, mean (std) over seeds; Δ = mean paired "
+        f"difference to `{VERBALIZER_REFERENCE}` on the same seeds, with wins/ties/losses.",
+        "",
+        "| group | row | seeds | test accuracy | Δ vs prompt tuning (pp) | W/T/L |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, by_seed in per_row.items():
+        mean, std = mean_std(list(by_seed.values()))
+        diffs = [by_seed[s] - ref[s] for s in by_seed if s in ref]
+        delta, wtl = "–", "–"
+        if diffs and name != VERBALIZER_REFERENCE:
+            delta = f"{statistics.fmean(diffs):+.1f}"
+            wtl = f"{sum(d > 0 for d in diffs)}/{sum(d == 0 for d in diffs)}/{sum(d < 0 for d in diffs)}"
+        lines.append(f"| {groups[name]} | {name} | {len(by_seed)} | {mean:.1f} ({std:.1f}) | {delta} | {wtl} |")
+    return lines + [""]
 
 
 def serve_sections(results: Path) -> list[str]:
