@@ -276,6 +276,29 @@ def test_soft_verbalizer_on_gpt2_reads_the_tied_head(tiny_gpt2):
     torch.testing.assert_close(model.head.class_embed.detach(), tiny_gpt2.model.get_output_embeddings().weight[ids])
 
 
+def test_soft_verbalizer_label_embeddings_get_their_own_learning_rate(tiny_llama):
+    from prompttune.train import _optimizer
+
+    cfg = make_config(
+        "tiny-llama",
+        "prompt_tuning",
+        head="soft_verbalizer",
+        template=TEMPLATE,
+        verbalizer=WORDS,
+        lr=0.02,
+        lr_scale=0.25,
+        num_virtual_tokens=2,
+    )
+    model = build_model(cfg, tiny_llama, ["0", "1"])
+    _, optimizer, _ = _optimizer(model, cfg.train)
+    lrs = {id(p): g["initial_lr"] for g in optimizer.param_groups for p in g["params"]}  # before warm-up
+    assert lrs[id(model.head.class_embed)] == lrs[id(model.head.class_bias)] == pytest.approx(0.005)
+    assert {lrs[id(p)] for p in model.method.parameters()} == {0.02}
+    assert len(lrs) == sum(1 for p in model.parameters() if p.requires_grad)  # every trainable tensor, once
+    with pytest.raises(PromptTuneError, match="head soft_verbalizer: field 'lr_scale'"):
+        make_config("tiny-llama", "manual", head="soft_verbalizer", template=TEMPLATE, verbalizer=WORDS, lr_scale=0)
+
+
 def test_head_options_are_checked():
     with pytest.raises(PromptTuneError, match="head kpt: field 'frequency_cutoff'"):
         make_config("tiny-llama", "manual", head="kpt", template=TEMPLATE, verbalizer=WORDS, frequency_cutoff=2.0)

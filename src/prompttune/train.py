@@ -150,7 +150,7 @@ def fit(
 def _optimizer(model: PromptModel, cfg: TrainConfig) -> tuple[TrainConfig, torch.optim.Optimizer, Any]:
     """AdamW over the method's and head's parameter groups, and the LR schedule; with nothing to train (the manual
     prompt) a run of zero steps that only evaluates and tunes on dev."""
-    groups = model.method.param_groups(cfg.lr) + [{"params": list(model.head.parameters()), "lr": cfg.lr}]
+    groups = model.method.param_groups(cfg.lr) + model.head.param_groups(cfg.lr)
     groups = [g for g in groups if g["params"]]
     if not groups:
         cfg = replace(cfg, max_steps=0, checkpoint=False)

@@ -92,6 +92,10 @@ class Head(nn.Module):
         """Generated text -> prediction: the text itself, or for heads with a label set the label(s) it names."""
         return text
 
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimizer groups of the head's trainable parameters; heads that need another learning rate override it."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
     def dev_metrics(self, model: Any, dev: Sequence[Example], batch_size: int) -> dict[str, Any]:
         """Dev metrics for checkpoint selection during training (frozen dev prefixes are kept for the next call)."""
         from ..evaluation import score_metrics

@@ -37,10 +37,16 @@ class SoftVerbalizerConfig:
     init: str = "words"
     """Start the label embeddings from the label words' output embeddings (`words`) or from small random vectors
     (`random`, seeded by the training seed)."""
+    lr_scale: float = 1.0
+    """The label embeddings' learning rate as a multiple of the training `lr`."""
 
     def __post_init__(self) -> None:
         if self.init not in ("words", "random"):
             raise PromptTuneError(f"head soft_verbalizer: field 'init': expected words or random, got {self.init!r}")
+        if not self.lr_scale > 0:
+            raise PromptTuneError(
+                f"head soft_verbalizer: field 'lr_scale': expected a positive number, got {self.lr_scale!r}"
+            )
 
 
 @register_head("soft_verbalizer")
@@ -99,6 +105,9 @@ class SoftVerbalizerHead(VerbalizerHead):
             cols = (self.option_class == c).cpu()
             self.class_embed[c] = weight[cols].mean(0).to(self.class_embed)
             self.class_bias[c] = bias.cpu()[first.cpu()[cols]].mean().to(self.class_bias)
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        return [{"params": [self.class_embed, self.class_bias], "lr": lr * self.soft.lr_scale}]
 
     def rows(self, prompt: Prompt, example: int, target: Any = None) -> list[Row]:
         return [Row(prompt.ids, prompt.soft, (len(prompt.ids) - 1,), example=example)]
