@@ -40,7 +40,7 @@ from prompttune.backbones import load_backbone  # noqa: E402
 from prompttune.cli import read_run_config  # noqa: E402
 from prompttune.data.examples import detect_label_columns, load_examples  # noqa: E402
 from prompttune.evaluation import metrics, score_metrics  # noqa: E402
-from prompttune.heads.classifier import THRESHOLD_METRICS  # noqa: E402
+from prompttune.heads.base import THRESHOLD_METRICS  # noqa: E402
 from prompttune.types import Example  # noqa: E402
 
 CONFIG = REPO / "configs" / "hatespeech_ptec.yaml"
@@ -73,12 +73,11 @@ def run_majority(columns: list[str], splits: dict[str, list[Example]]) -> dict[s
 
 
 def run_tuned(
-    variant: str, overrides: dict[str, Any], backbone: Any, columns: list[str], splits: dict[str, list[Example]], args
+    base: Any, overrides: dict[str, Any], backbone: Any, columns: list[str], splits: dict[str, list[Example]], args
 ) -> dict[str, Any]:
     options = {**overrides, "label_columns": columns, "seed": args.seed}
     if args.max_steps is not None:
         options.update(max_steps=args.max_steps, eval_every=max(1, args.max_steps))
-    base = read_run_config(CONFIG)
     # Another method keeps the config's task and training settings and takes its own defaults (its benchmark size).
     cfg = make_config(backbone.spec.name, args.method or base.method, base=base, **options)
     tuner = PromptTuner(config=cfg, backbone=backbone)
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             if backbone is None:
                 backbone = load_backbone(model_name)
                 warm_up(backbone)
-            record = run_tuned(variant, overrides, backbone, columns, splits, args)
+            record = run_tuned(base, overrides, backbone, columns, splits, args)
         record = {
             "dataset": "hatespeech-multilabel",
             "variant": variant,

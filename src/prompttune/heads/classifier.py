@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..config import build_section
 from ..data.collate import Batch
 from ..registry import register_head
-from .base import THRESHOLD_METRICS, Head, ThresholdConfig, gather_positions  # noqa: F401 (re-exported)
+from .base import Head, ThresholdConfig, gather_positions
 
 
 @register_head("classifier")

@@ -107,7 +107,7 @@ class SoftVerbalizerHead(VerbalizerHead):
             self.class_bias[c] = bias.cpu()[first.cpu()[cols]].mean().to(self.class_bias)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        return [{"params": [self.class_embed, self.class_bias], "lr": lr * self.soft.lr_scale}]
+        return super().param_groups(lr * self.soft.lr_scale)
 
     def rows(self, prompt: Prompt, example: int, target: Any = None) -> list[Row]:
         return [Row(prompt.ids, prompt.soft, (len(prompt.ids) - 1,), example=example)]

@@ -185,7 +185,9 @@ class LabelTrie:
         are the ones that predicted each path token. Greedy decoding with `stop_bias` b ends at the first choice
         whose margin + b > 0."""
         margins = []
-        for k in self.choices(path):
-            others = [t for t in self.allowed(path[:k]) if t != self.end]
-            margins.append((k, float(logits[k, self.end] - logits[k, others].max())))
+        for k in range(len(path)):
+            allowed = self.allowed(path[:k])  # walked once per position: `choices` would walk it again
+            if self._is_choice(allowed):
+                others = [t for t in allowed if t != self.end]
+                margins.append((k, float(logits[k, self.end] - logits[k, others].max())))
         return margins
