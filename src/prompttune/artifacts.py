@@ -20,6 +20,41 @@ from safetensors.torch import load_file, save_file
 from .errors import PromptTuneError
 
 FORMAT_VERSION = 1
+# Every file either kind of artifact (soft, discrete) may hold. On a re-save they belong to the new artifact alone:
+# an old head.safetensors (a calibration prior) must not outlive a re-save whose head has no state.
+ARTIFACT_FILES = frozenset(
+    {
+        "artifact.json", "method_config.json", "template.json", "head.json", "head.safetensors", "run.yaml",
+        "metrics.json", "prompt.safetensors", "prompt.json", "optimizer.safetensors",
+    }
+)  # fmt: skip
+
+
+def _write(target: Path, content: Any, metadata: dict[str, str] | None = None) -> None:
+    if isinstance(content, dict):
+        tensors = {k: v.detach().contiguous().cpu() for k, v in content.items()}
+        save_file(tensors, str(target), metadata=metadata)
+    elif isinstance(content, bytes):
+        target.write_bytes(content)
+    else:
+        target.write_text(content, encoding="utf-8")
+
+
+def write_file_atomically(path: str | Path, content: Any, metadata: dict[str, str] | None = None) -> Path:
+    """Write one file (`str`, `bytes`, or a dict of tensors as safetensors with optional string `metadata`) to a
+    temp file beside it, then rename: a reader, or a run killed mid-write, sees the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        _write(tmp, content, metadata)
+        tmp.chmod(0o644)  # mkstemp makes it owner-only; a shared cache or artifact must stay readable
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def write_dir_atomically(path: str | Path, files: dict[str, Any]) -> Path:
@@ -27,20 +62,15 @@ def write_dir_atomically(path: str | Path, files: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; a server run by another user must be able to read the artifact
     try:
         for name, content in files.items():
-            target = tmp / name
-            if isinstance(content, dict):
-                save_file({k: v.detach().contiguous().cpu() for k, v in content.items()}, str(target))
-            elif isinstance(content, bytes):
-                target.write_bytes(content)
-            else:
-                target.write_text(content)
+            _write(tmp / name, content)
         old = None
         if path.exists():
             # Keep files that are not part of the artifact (training log, checkpoint) next to the new ones.
             for extra in path.iterdir():
-                if not (tmp / extra.name).exists() and extra.is_file():
+                if extra.is_file() and extra.name not in ARTIFACT_FILES and not (tmp / extra.name).exists():
                     shutil.copy2(extra, tmp / extra.name)
             old = path.with_name(f".{path.name}.old{os.getpid()}")
             os.replace(path, old)

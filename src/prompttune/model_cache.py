@@ -14,21 +14,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .artifacts import write_file_atomically
+
 log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
     """`$PROMPTTUNE_CACHE`, else `~/.cache/prompttune`."""
     return Path(os.environ.get("PROMPTTUNE_CACHE") or Path.home() / ".cache" / "prompttune").expanduser()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a shared $PROMPTTUNE_CACHE must stay readable
-    os.replace(tmp, path)
 
 
 def sha256(path: Path) -> str:
@@ -49,7 +42,7 @@ def sha256(path: Path) -> str:
             digest.update(chunk)
     memo[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
     # A concurrent writer may drop our entry (last rename wins); that only costs a rehash later.
-    _write_atomic(memo_file, json.dumps(memo, indent=1))
+    write_file_atomically(memo_file, json.dumps(memo, indent=1))
     return digest.hexdigest()
 
 

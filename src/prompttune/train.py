@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -19,10 +18,11 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .artifacts import write_file_atomically
 from .config import TrainConfig
 from .errors import PromptTuneError
 from .model import PromptModel
@@ -229,9 +229,7 @@ def _snapshot(model: PromptModel) -> dict[str, torch.Tensor]:
 
 
 def _write_log(path: Path, log: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in log))
-    os.replace(tmp, path)
+    write_file_atomically(path, "".join(json.dumps(r) + "\n" for r in log))
 
 
 def _save_checkpoint(
@@ -257,9 +255,7 @@ def _save_checkpoint(
         "param_groups": opt["param_groups"],
         "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
     }
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"prompttune": json.dumps(meta)})
-    os.replace(tmp, path)
+    write_file_atomically(path, tensors, metadata={"prompttune": json.dumps(meta)})
 
 
 def _load_checkpoint(path: Path, model: PromptModel, optimizer: Any, scheduler: Any, cfg: TrainConfig):

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import write_file_atomically
 from ..errors import PromptTuneError
 from ..types import Example
 
@@ -265,8 +266,4 @@ def write_examples(path: str | Path, examples: Sequence[Example], label_column: 
         writer.writeheader()
         writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in records)
         text = buf.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_file_atomically(path, text)

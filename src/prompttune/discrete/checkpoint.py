@@ -11,15 +11,15 @@ truncates the log to the checkpointed step, so a killed run's extra lines are no
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ..artifacts import write_file_atomically
 from ..errors import PromptTuneError
 from .base import DiscreteOptimizer
 from .objective import LLMObjective
@@ -56,13 +56,7 @@ def save(
     out.mkdir(parents=True, exist_ok=True)
     tensors = optimizer.tensors()
     if tensors:
-        tmp = out / f"{TENSORS}.tmp{os.getpid()}"
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-            str(tmp),
-            metadata={"step": str(state["step"])},
-        )
-        os.replace(tmp, out / TENSORS)
+        write_file_atomically(out / TENSORS, tensors, metadata={"step": str(state["step"])})
     payload = {
         "config": asdict(config),
         "state": {**state, "seconds": state["seconds"] + (time.perf_counter() - tic)},
@@ -71,9 +65,7 @@ def save(
         "budget": objective.budget.state_dict(),
         "has_tensors": bool(tensors),
     }
-    tmp = out / f"{CHECKPOINT}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, out / CHECKPOINT)
+    write_file_atomically(out / CHECKPOINT, json.dumps(payload))
 
 
 def load(
