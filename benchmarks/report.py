@@ -406,16 +406,22 @@ def render(records: list[dict[str, Any]], timing: list[dict[str, Any]], results:
 
 def multilabel_section(results: Path) -> list[str]:
     """`multilabel.py`'s results (PTEC on the 22-label hate-speech set): one row per variant."""
-    rows = []
+    rows, records = [], []
     for path in sorted(results.glob("multilabel-*.json")):
         try:
-            r = json.loads(path.read_text())
+            records.append(json.loads(path.read_text()))
         except (OSError, ValueError) as err:
             print(f"skipping {path}: {err}", file=sys.stderr)
-            continue
-        variants = [(r["variant"], r["test"])]
+    # Per variant, plain prompt tuning (PTEC's own method) first, then the other methods under the same head.
+    records.sort(key=lambda r: (r["variant"], r.get("method") != "prompt_tuning", r.get("method") or ""))
+    for r in records:
+        tuned = r.get("tuned_on_dev") or {}
+        chosen = next((k[len("dev_") :] for k in tuned if k.startswith("dev_")), None)  # the config's metric
+        name = r["variant"] if chosen is None else f"{r['variant']}, threshold on dev {chosen} ({tuned['threshold']:g})"
+        variants = [(name, r["test"])]
         for metric, point in (r.get("operating_points") or {}).items():  # one trained model, other thresholds
-            variants.append((f"{r['variant']}, threshold on dev {metric} ({point['threshold']:g})", point["test"]))
+            if metric != chosen:
+                variants.append((f"{r['variant']}, threshold on dev {metric} ({point['threshold']:g})", point["test"]))
         for name, t in variants:
             rows.append(
                 f"| {name} | {r.get('method', '–')} | {r.get('head', '–')} | {fmt(t['macro_f1'], 3)} | "
