@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from prompttune.artifacts import write_dir_atomically, write_file_atomically
+from prompttune import artifacts
+from prompttune.artifacts import ARTIFACT_FILES, write_dir_atomically, write_file_atomically
 
 
 def _mode(path):
@@ -52,3 +53,10 @@ def test_write_dir_atomically_replaces_the_artifact_keeps_extras_and_is_readable
     assert not (out / "head.safetensors").exists()  # a stale part of the old artifact does not
     assert _mode(out) == 0o755
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
+
+
+def test_artifact_files_name_every_file_a_soft_artifact_writes(tiny_llama, make_model, tmp_path):
+    # A name missing from ARTIFACT_FILES would be carried over from an older artifact on a re-save.
+    out = artifacts.save(make_model("prompt_tuning", tiny_llama), {"model": "tiny-llama"}, tmp_path / "a")
+    assert "head.safetensors" in {p.name for p in out.iterdir()}
+    assert {p.name for p in out.iterdir()} <= ARTIFACT_FILES

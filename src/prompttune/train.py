@@ -219,7 +219,6 @@ def _evaluate(
         best_state.update(_snapshot(model))
         state["best_step"] = state["step"]
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         _write_log(out / LOG, state["log"])
     return stop
 

@@ -53,7 +53,6 @@ def save(
     """checkpoint.json (+ checkpoint.safetensors for optimiser tensors), each written to a temp file and renamed."""
     if out is None or not config.checkpoint:
         return
-    out.mkdir(parents=True, exist_ok=True)
     tensors = optimizer.tensors()
     if tensors:
         write_file_atomically(out / TENSORS, tensors, metadata={"step": str(state["step"])})
