@@ -60,3 +60,13 @@ def test_artifact_files_name_every_file_a_soft_artifact_writes(tiny_llama, make_
     out = artifacts.save(make_model("prompt_tuning", tiny_llama), {"model": "tiny-llama"}, tmp_path / "a")
     assert "head.safetensors" in {p.name for p in out.iterdir()}
     assert {p.name for p in out.iterdir()} <= ARTIFACT_FILES
+
+
+def test_write_dir_atomically_refuses_a_file_the_directory_does_not_own(tmp_path):
+    # Every writer (soft artifact, discrete artifact, PEFT export) goes through this check, so a file name missing from
+    # the owned set fails at once instead of outliving a later re-save that no longer writes it.
+    with pytest.raises(ValueError, match="notes.txt"):
+        write_dir_atomically(tmp_path / "a", {"artifact.json": "{}", "notes.txt": "x"})
+    assert not (tmp_path / "a").exists()
+    out = write_dir_atomically(tmp_path / "b", {"adapter_config.json": "{}"}, owned=frozenset({"adapter_config.json"}))
+    assert (out / "adapter_config.json").read_text() == "{}"

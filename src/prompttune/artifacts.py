@@ -57,8 +57,16 @@ def write_file_atomically(path: str | Path, content: Any, metadata: dict[str, st
     return path
 
 
-def write_dir_atomically(path: str | Path, files: dict[str, Any]) -> Path:
-    """Write `{name: bytes | str | dict-of-tensors}` into `path` via a temp dir and renames; never half-written."""
+def write_dir_atomically(path: str | Path, files: dict[str, Any], owned: frozenset[str] = ARTIFACT_FILES) -> Path:
+    """Write `{name: bytes | str | dict-of-tensors}` into `path` via a temp dir and renames; never half-written.
+
+    `owned` names every file this kind of directory may hold: those not rewritten are dropped, other files (a training
+    log, a checkpoint) are kept. Writing a name outside it is refused, so a writer cannot add a file that a later
+    re-save without it would leave behind.
+    """
+    unowned = sorted(set(files) - owned)
+    if unowned:
+        raise ValueError(f"write_dir_atomically: {unowned} not among the directory's own files {sorted(owned)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -70,7 +78,7 @@ def write_dir_atomically(path: str | Path, files: dict[str, Any]) -> Path:
         if path.exists():
             # Keep files that are not part of the artifact (training log, checkpoint) next to the new ones.
             for extra in path.iterdir():
-                if extra.is_file() and extra.name not in ARTIFACT_FILES and not (tmp / extra.name).exists():
+                if extra.is_file() and extra.name not in owned and not (tmp / extra.name).exists():
                     shutil.copy2(extra, tmp / extra.name)
             old = path.with_name(f".{path.name}.old{os.getpid()}")
             os.replace(path, old)

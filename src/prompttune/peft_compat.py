@@ -157,7 +157,7 @@ def export_peft(artifact_dir: str | Path, out_dir: str | Path) -> list[str]:
     if prior is not None and bool(prior.any()):
         notes.append("the verbalizer's contextual calibration is not part of a PEFT adapter; PEFT's logits are raw")
     files = {CONFIG: json.dumps(dict(sorted(config.items())), indent=2) + "\n", WEIGHTS: {"prompt_embeddings": tensor}}
-    artifacts.write_dir_atomically(out_dir, files)
+    artifacts.write_dir_atomically(out_dir, files, owned=frozenset(files))
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return notes
