@@ -167,6 +167,8 @@ def completeness(records: list[dict[str, Any]]) -> list[str]:
     expected = [(d, s, m) for d in DATASETS for s in SEEDS for m in METHODS]
     missing = [c for c in expected if c not in done]
     lines = [f"**Cells complete: {len(expected) - len(missing)}/{len(expected)}.**"]
+    per_method = [f"{m} {sum(c[2] == m for c in expected) - sum(c[2] == m for c in missing)}" for m in METHODS]
+    lines.append(f"- cells per method (of {len(DATASETS) * len(SEEDS)}): {', '.join(per_method)}")
     by_seed: dict[tuple[str, int], list[str]] = defaultdict(list)
     for d, s, m in missing:
         by_seed[(d, s)].append(m)
