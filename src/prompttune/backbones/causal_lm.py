@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -23,9 +24,28 @@ class CausalLM(Backbone):
     supports_prefix_cache = True  # causal attention: a prefix's keys/values never depend on what follows
     _cache_kwarg: str | None = None  # name of the model's cache argument, looked up once
 
+    def __init__(self, model, tokenizer, name: str):
+        super().__init__(model, tokenizer, name)
+        kv_heads, head_dim = self._cache_shape()
+        if (kv_heads, head_dim) != (self.spec.num_kv_heads, self.spec.head_dim):
+            self.spec = dataclasses.replace(self.spec, num_kv_heads=kv_heads, head_dim=head_dim)
+
+    @torch.no_grad()
+    def _cache_shape(self) -> tuple[int, int]:
+        """(key/value heads, head size) as the model's own cache holds them. Config fields cannot be trusted for this:
+        the names differ (`num_key_value_heads`, Falcon's `num_kv_heads` and `multi_query`) and a config may carry a
+        field its model ignores (a GPT-NeoX or OPT config given `num_key_value_heads`)."""
+        ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
+        pos = torch.zeros_like(ids)
+        out = self._call(self.embed(ids), torch.ones_like(ids), pos, DynamicCache(), use_cache=True)
+        keys = _returned_cache(out).layers[0].keys  # (1, kv_heads, 1, head_dim)
+        return int(keys.shape[1]), int(keys.shape[-1])
+
     def _body(self, inputs: PromptInputs, use_cache: bool = False):
         mask = inputs.attention_mask  # (B, T)
-        cache = None
+        # A cache without the model's config keeps every key: a sliding-window layer's own cache would drop the
+        # oldest ones, and a cached prefix longer than the window would lose keys (the masks still apply the window).
+        cache = DynamicCache() if use_cache else None
         if inputs.past_key_values is not None:
             cache = DynamicCache(ddp_cache_data=inputs.past_key_values)  # a fresh cache per call: never stale
             mask = torch.cat([inputs.past_attention_mask.to(mask), mask], dim=1)  # (B, Lp + T)

@@ -5,6 +5,11 @@ Trainable keys and values prepended at every attention layer. Optionally reparam
 (`projection=True`) as in the paper; the MLP is saved with the artifact, so a run resumes exactly (PEFT keeps only
 the MLP's outputs, peft#2043). `init=text` starts from the frozen model's own keys/values of a real text, the
 initialisation the paper found important with little data.
+
+Known limit (PEFT shares it): in a left-padded batch the padding sits between the prefix and the text, so in a
+sliding-window layer (Gemma 2/3, Mistral v0.1) an early text token whose window reaches back to the prefix when the
+text runs alone reaches only padding in a batch. Models without sliding windows are exact, and so are texts shorter
+than the window minus the padding.
 """
 
 from __future__ import annotations
