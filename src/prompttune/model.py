@@ -174,7 +174,8 @@ class PromptModel(nn.Module):
         suffix = self.backbone.kind == "encoder"
         prompts = [self.template.encode(ex, tok, 0, self.max_length, self.truncate, pad, suffix) for ex in examples]
         rows = [Row(p.ids, (), ()) for p in prompts]
-        out = torch.zeros(len(rows), self.backbone.spec.hidden_size)
+        spec = self.backbone.spec
+        out = torch.zeros(len(rows), spec.input_size if layer == "embedding" else spec.output_size)
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             batch = collate(chunk, pad)

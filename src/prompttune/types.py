@@ -30,6 +30,15 @@ class BackboneSpec:
     # (layer 0: the embeddings plus anything the model adds to them). For initialising per-layer prompts; None when
     # the backbone cannot provide them.
     layer_inputs: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
+    # Widths of the input embeddings (soft tokens live there) and of the final hidden states (heads read those); both
+    # are `hidden_size` except where the model projects around its layers (OPT-350m, ALBERT, ELECTRA). 0 = hidden_size.
+    input_size: int = 0
+    output_size: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("input_size", "output_size"):
+            if not getattr(self, name):
+                object.__setattr__(self, name, self.hidden_size)  # frozen dataclass: set once, here
 
     def sizes(self) -> dict[str, int | str]:
         """The size fields an artifact records and checks on load."""

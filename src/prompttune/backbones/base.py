@@ -53,6 +53,7 @@ class Backbone(nn.Module):
             max_positions=int(min(max_pos, 1 << 20)),
             embed_tokens=self.embed,
             layer_inputs=self.layer_inputs,
+            input_size=self.embed(torch.tensor([self.pad_id])).shape[-1],
         )
         self._layers: tuple[nn.Module, ...] | None = None  # found on first use (a tuple: not re-registered)
 

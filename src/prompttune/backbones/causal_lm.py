@@ -26,20 +26,20 @@ class CausalLM(Backbone):
 
     def __init__(self, model, tokenizer, name: str):
         super().__init__(model, tokenizer, name)
-        kv_heads, head_dim = self._cache_shape()
-        if (kv_heads, head_dim) != (self.spec.num_kv_heads, self.spec.head_dim):
-            self.spec = dataclasses.replace(self.spec, num_kv_heads=kv_heads, head_dim=head_dim)
+        kv_heads, head_dim, width = self._measure()
+        self.spec = dataclasses.replace(self.spec, num_kv_heads=kv_heads, head_dim=head_dim, output_size=width)
 
     @torch.no_grad()
-    def _cache_shape(self) -> tuple[int, int]:
-        """(key/value heads, head size) as the model's own cache holds them. Config fields cannot be trusted for this:
-        the names differ (`num_key_value_heads`, Falcon's `num_kv_heads` and `multi_query`) and a config may carry a
-        field its model ignores (a GPT-NeoX or OPT config given `num_key_value_heads`)."""
+    def _measure(self) -> tuple[int, int, int]:
+        """(key/value heads, head size, width of the final hidden states) as the model's own forward produces them.
+        Config fields cannot be trusted for this: the names differ (`num_key_value_heads`, Falcon's `num_kv_heads`
+        and `multi_query`), a config may carry a field its model ignores (a GPT-NeoX or OPT config given
+        `num_key_value_heads`), and OPT-350m projects its output down to `word_embed_proj_dim`."""
         ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
         pos = torch.zeros_like(ids)
         out = self._call(self.embed(ids), torch.ones_like(ids), pos, DynamicCache(), use_cache=True)
         keys = _returned_cache(out).layers[0].keys  # (1, kv_heads, 1, head_dim)
-        return int(keys.shape[1]), int(keys.shape[-1])
+        return int(keys.shape[1]), int(keys.shape[-1]), int(out.last_hidden_state.shape[-1])
 
     def _body(self, inputs: PromptInputs, use_cache: bool = False):
         mask = inputs.attention_mask  # (B, T)

@@ -110,7 +110,7 @@ class DirectionalStimulus(PolicyOptimizer):
         self.backbone = policy_backbone(ctx.backend, config.policy_model)
         self.column = config.field or ctx.template.fields[0]
         gen = torch.Generator().manual_seed(ctx.seed)
-        dim = self.backbone.spec.hidden_size
+        dim = self.backbone.spec.output_size
         with torch.random.fork_rng(devices=[]):  # nn.Linear draws from the global RNG: seed it, leave it as it was
             torch.manual_seed(int(torch.randint(1 << 30, (1,), generator=gen)))
             self.scorer = make_scorer(dim, config.scorer_hidden)

@@ -125,7 +125,7 @@ class PromptPolicy(nn.Module):
     def __init__(self, backbone: Any, hidden: int, generator: torch.Generator):
         super().__init__()
         self.__dict__["backbone"] = backbone
-        dim = backbone.spec.hidden_size
+        dim = backbone.spec.output_size
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
         # The reference code starts from a near-zero MLP: logits ~ 0, i.e. a near-uniform policy over the vocabulary.
         for layer in (self.mlp[0], self.mlp[2]):

@@ -42,7 +42,7 @@ class ClassifierHead(Head):
     def from_task(cls, task: Any, backbone: Any, labels: Sequence[str]) -> ClassifierHead:
         pooling = task.pooling if backbone.kind == "causal_lm" or task.pooling == "mean" else "mean"
         cfg = build_section(ThresholdConfig, task.head_config, "head classifier")
-        return cls(labels, backbone.kind, backbone.spec.hidden_size, task.multi_label, pooling, cfg)
+        return cls(labels, backbone.kind, backbone.spec.output_size, task.multi_label, pooling, cfg)
 
     def forward(self, hidden: Tensor, batch: Batch, backbone: nn.Module, num_examples: int) -> Tensor:
         if self.pooling == "mean":

@@ -83,7 +83,7 @@ class SoftVerbalizerHead(VerbalizerHead):
             raise PromptTuneError(
                 "config field 'verbalizer': the soft verbalizer starts from label words, e.g. '0= bad,1= good'"
             )
-        return cls(labels, backbone.kind, task.verbalizer, backbone.tokenizer, backbone.spec.hidden_size, cfg)
+        return cls(labels, backbone.kind, task.verbalizer, backbone.tokenizer, backbone.spec.output_size, cfg)
 
     @torch.no_grad()
     def init_from_words(self, backbone: Any) -> None:

@@ -195,7 +195,13 @@ class BayesPrompt(SoftPromptMethod):
 
     def __init__(self, config: BayesPromptConfig, spec: BackboneSpec):
         super().__init__(config, spec)
-        n, D = config.num_virtual_tokens, spec.hidden_size
+        if config.features == "final" and spec.output_size != spec.input_size:
+            raise PromptTuneError(
+                f"bayesprompt: field 'features': 'final' maps final hidden states ({spec.output_size} wide) one to one "
+                f"onto input embeddings, but backbone {spec.name!r} embeds its input {spec.input_size} wide; "
+                "use features: embedding"
+            )
+        n, D = config.num_virtual_tokens, spec.input_size
         self.register_buffer("samples", torch.zeros(n, D))  # (n, D) standardised features sampled from the GMM
         self.register_buffer("anchors", torch.zeros(n, D))  # (n, D) the samples as input embeddings
         self.delta = nn.Parameter(torch.zeros(n, D))  # (n, D)
@@ -233,7 +239,7 @@ class BayesPrompt(SoftPromptMethod):
             self.anchors.copy_(mu + sd * samples)
             self.delta.zero_()
             if self.proj_down is not None:  # samples are unit-scale: U ~ N(0, 1/D) keeps samples @ U unit-scale
-                D = self.spec.hidden_size
+                D = self.spec.input_size
                 self.proj_down.copy_(torch.randn(self.proj_down.shape, generator=ctx.generator) / math.sqrt(D))
                 self.proj_up.zero_()
 

@@ -54,9 +54,9 @@ class DePT(SoftPromptMethod):
 
     def __init__(self, config: DePTConfig, spec: BackboneSpec):
         super().__init__(config, spec)
-        self.prompt = nn.Parameter(torch.zeros(config.num_virtual_tokens, spec.hidden_size))  # (m, D)
+        self.prompt = nn.Parameter(torch.zeros(config.num_virtual_tokens, spec.input_size))  # (m, D)
         self.lora_a = nn.Parameter(torch.zeros(config.max_positions, config.rank))  # (s, r)
-        self.lora_b = nn.Parameter(torch.zeros(config.rank, spec.hidden_size))  # (r, D); zero: no update at start
+        self.lora_b = nn.Parameter(torch.zeros(config.rank, spec.input_size))  # (r, D); zero: no update at start
 
     @property
     def num_soft_slots(self) -> int:

@@ -69,7 +69,7 @@ class EPT(SoftPromptMethod):
 
     def __init__(self, config: EPTConfig, spec: BackboneSpec):
         super().__init__(config, spec)
-        m, r, K, s, D = config.num_virtual_tokens, config.rank, config.num_spaces, config.space_rank, spec.hidden_size
+        m, r, K, s, D = config.num_virtual_tokens, config.rank, config.num_spaces, config.space_rank, spec.input_size
         self.prompt = nn.Parameter(torch.zeros(m, D))  # (m, D) short prompt
         self.lora_a = nn.Parameter(torch.zeros(m, r))  # (m, r)
         self.lora_b = nn.Parameter(torch.zeros(r, D))  # (r, D); zero: no low-rank knowledge at start
@@ -83,7 +83,7 @@ class EPT(SoftPromptMethod):
 
     def initialize(self, ctx: InitContext) -> None:
         vectors = init_vectors(self.config.init, self.num_soft_slots, self.spec, ctx, self.config.init_text)
-        D = self.spec.hidden_size
+        D = self.spec.input_size
         with torch.no_grad():
             self.prompt.copy_(vectors)
             # Drawn on the CPU generator, then copied: the same values on every device.
@@ -96,7 +96,7 @@ class EPT(SoftPromptMethod):
     def fused(self) -> Tensor:
         """Prompt fusion: the short prompt enriched by the low-rank knowledge, (m, D)."""
         low = self.lora_a @ self.lora_b  # (m, D)
-        attn = torch.softmax(self.prompt @ low.T / math.sqrt(self.spec.hidden_size), dim=-1)  # (m, m)
+        attn = torch.softmax(self.prompt @ low.T / math.sqrt(self.spec.input_size), dim=-1)  # (m, m)
         return self.prompt + low + attn @ low  # (m, D)
 
     def gates(self, fused: Tensor) -> Tensor:

@@ -58,7 +58,7 @@ def init_vectors(strategy: str, n: int, spec: BackboneSpec, ctx: InitContext, te
         with torch.no_grad():
             sample = spec.embed_tokens(vocab_ids(spec, ctx, _STAT_SAMPLE)).cpu()  # (S, D)
         mean, std = sample.mean(0), sample.std(0)  # (D,), (D,)
-        return mean + std * torch.randn(n, spec.hidden_size, generator=ctx.generator)
+        return mean + std * torch.randn(n, spec.input_size, generator=ctx.generator)
     if strategy not in STRATEGIES:
         raise PromptTuneError(f"init: expected one of {STRATEGIES}, got {strategy!r}")
     ids = init_ids(strategy, n, spec, ctx, text)
@@ -85,4 +85,6 @@ def layer_init_vectors(strategy: str, n: int, spec: BackboneSpec, ctx: InitConte
         if spec.layer_inputs is None:
             return first.expand(spec.num_layers, n, spec.hidden_size).clone()
         states = spec.layer_inputs(torch.cat([ids, ids])).detach().cpu()  # (layers, 2n, D)
+    if spec.input_size != spec.hidden_size:  # the model projects its embeddings: layer 0 reads the projected ones
+        return states[:, n:].clone()  # (layers, n, D)
     return torch.cat([first[None], states[1:, n:]]).clone()  # (layers, n, D)

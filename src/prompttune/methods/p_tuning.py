@@ -50,7 +50,7 @@ class PTuning(SoftPromptMethod):
 
     def __init__(self, config: PTuningConfig, spec: BackboneSpec):
         super().__init__(config, spec)
-        D, H = spec.hidden_size, config.encoder_hidden
+        D, H = spec.input_size, config.encoder_hidden
         self.embedding = nn.Parameter(torch.zeros(config.num_virtual_tokens, D))  # (N, D)
         self.lstm = (
             nn.LSTM(D, H // 2, num_layers=2, bidirectional=True, batch_first=True) if config.encoder == "lstm" else None

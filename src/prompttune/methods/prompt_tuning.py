@@ -43,7 +43,7 @@ class PromptTuning(SoftPromptMethod):
 
     def __init__(self, config: PromptTuningConfig, spec: BackboneSpec):
         super().__init__(config, spec)
-        self.prompt = nn.Parameter(torch.zeros(config.num_virtual_tokens, spec.hidden_size))  # (N, D)
+        self.prompt = nn.Parameter(torch.zeros(config.num_virtual_tokens, spec.input_size))  # (N, D)
 
     @property
     def num_soft_slots(self) -> int:
