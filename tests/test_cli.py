@@ -115,6 +115,25 @@ def test_train_eval_predict_export_import(capsys, data, tmp_path):
     assert again["scores"] == pytest.approx(original["scores"], abs=1e-4)
 
 
+def test_label_names_are_the_default_label_words(capsys, tmp_path):
+    # A new user's CSV: own column names, label names that are words, no verbalizer given.
+    path = tmp_path / "reviews.csv"
+    path.write_text("review,sentiment\n" + "".join(f'"{t}",{"pos" if y == "1" else "neg"}\n' for t, y in ROWS))
+    art = tmp_path / "art"
+    code, out, err = run(
+        capsys, "train", "--model", "tiny-llama", "--train", path, "--dev", path, "--label-field", "sentiment",
+        "--template", "Review: {review}{soft} Sentiment:{answer}", "--max-steps", "1", "--out", art, "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    # One line for a person, not the library line that raised it.
+    assert err.strip() == "warning: no verbalizer given: the label names are the label words " + (
+        "{'neg': [' neg'], 'pos': [' pos']}; set `verbalizer` to choose words the model reads as the labels' meaning"
+    )
+    assert json.loads((art / "head.json").read_text())["words"] == {"neg": [" neg"], "pos": [" pos"]}
+    code, out, err = run(capsys, "predict", art, "great movie", "--json")  # the saved words: no second warning
+    assert code == 0 and err == "" and json.loads(out)["predictions"][0]["label"] in ("neg", "pos")
+
+
 def test_export_warns_for_soft_tokens_not_in_front(capsys, data, tmp_path):
     args = train_args(data, tmp_path / "art", "--template", "Review: {text}{soft} Sentiment:{answer}")
     assert run(capsys, *args)[0] == 0

@@ -136,6 +136,14 @@ def test_missing_label_column(tmp_path):
     assert load_examples(path, require_label=False)[0].label is None
 
 
+def test_texts_to_predict_need_not_carry_the_named_label_column(tmp_path):
+    path = tmp_path / "d.tsv"
+    path.write_text("review\nnice one\n")
+    with pytest.raises(PromptTuneError, match="label column 'sentiment' not found"):
+        load_examples(path, label_field="sentiment")
+    assert load_examples(path, label_field="sentiment", require_label=False)[0].fields == {"review": "nice one"}
+
+
 def test_empty_label_value_names_the_row(tmp_path):
     path = tmp_path / "d.tsv"
     path.write_text("text\tlabel\ngood\t1\nbad\t\n")

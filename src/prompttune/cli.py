@@ -332,6 +332,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message: Warning | str, *_: Any, **__: Any) -> None:
+    """A warning for a person at a terminal: its message, not the library line that raised it."""
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one verb; returns the exit code (0 ok, 2 user error, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -342,7 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as done:  # --help, or argparse's own exit
             return int(done.code or 0)
         # With --json, stdout carries exactly one JSON object: progress and log lines go to stderr.
-        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        quiet_stdout = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+        with quiet_stdout, warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # restored on exit
             payload = args.func(args)
         if args.json:
             print(json.dumps(payload, default=str), file=stdout)

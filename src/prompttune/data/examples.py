@@ -154,7 +154,9 @@ def _from_records(
     columns = list(records[0].keys())
     label_col = label_field or next((c for c in LABEL_COLUMNS if c in columns), None)
     if label_field and label_field not in columns:
-        raise PromptTuneError(f"{where}: label column {label_field!r} not found; columns are {columns}")
+        if require_label:
+            raise PromptTuneError(f"{where}: label column {label_field!r} not found; columns are {columns}")
+        label_col = None  # unlabelled data (texts to predict) need not carry the label column
     if label_col is None and require_label:
         raise PromptTuneError(
             f"{where}: no label column; expected one of {LABEL_COLUMNS} (or set label_field); columns are {columns}"

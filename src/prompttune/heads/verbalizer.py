@@ -9,6 +9,7 @@ the label-word prior measured on a content-free input.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,11 +48,27 @@ class VerbalizerHead(Head):
 
     @classmethod
     def from_task(cls, task: Any, backbone: Any, labels: Sequence[str]) -> VerbalizerHead:
-        if not task.verbalizer:
-            raise PromptTuneError(
-                "config field 'verbalizer': the verbalizer head needs label words, e.g. '0= negative,1= positive'"
+        words = task.verbalizer
+        if not words:
+            if not labels:
+                raise PromptTuneError(
+                    "config field 'verbalizer': the verbalizer head needs label words, e.g. '0= negative,1= positive'"
+                )
+            # Labels such as "positive" or "sports" are words already; opaque ones ("0", "LABEL_1") still train, but
+            # a zero-shot reading of them means little, so say what was chosen.
+            words = {label: [" " + label] for label in labels}
+            warnings.warn(
+                f"no verbalizer given: the label names are the label words {words}; set `verbalizer` to choose "
+                "words the model reads as the labels' meaning",
+                stacklevel=2,
             )
-        return cls(labels, backbone.kind, task.verbalizer, backbone.tokenizer)
+        return cls(labels, backbone.kind, words, backbone.tokenizer)
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any], task: Any, backbone: Any, labels: Sequence[str]) -> VerbalizerHead:
+        """The artifact's own words (head.json), so a prompt trained with default words loads without a verbalizer."""
+        words = saved.get("words") or task.verbalizer
+        return cls(labels, backbone.kind, words, backbone.tokenizer) if words else cls.from_task(task, backbone, labels)
 
     def rows(self, prompt: Prompt, example: int, target: Any = None) -> list[Row]:
         end = len(prompt.ids) - 1
