@@ -85,7 +85,10 @@ def run_tuned(
     tic = time.perf_counter()
     test = tuner.evaluate(splits["test"])
     model = tuner.model
-    points = operating_points(model, splits["dev"], splits["test"]) if cfg.task.head == "classifier" else None
+    if cfg.task.head == "classifier":
+        points = operating_points(model, splits["dev"], splits["test"])
+    else:
+        points = stop_points(tuner, splits["dev"], splits["test"], test)
     return {
         "head": cfg.task.head,
         "method": cfg.method,
@@ -121,6 +124,24 @@ def operating_points(model: Any, dev: list[Example], test: list[Example]) -> dic
         points[metric]["test"] = {k: scores[k] for k in METRICS}
     head.options.threshold_metric = kept[0]
     head.threshold.fill_(kept[1])
+    return points
+
+
+def stop_points(tuner: Any, dev: list[Example], test: list[Example], scored: dict[str, Any]) -> dict[str, Any]:
+    """The label-generation head's stop bias chosen on dev by each metric, and the test metrics each gives: the same
+    trained prompt, only how readily an answer ends differs (`scored`: the test metrics at the run's own bias)."""
+    head, batch = tuner.model.head, tuner.config.train.eval_batch_size
+    kept = (head.options.threshold_metric, float(head.stop_bias))
+    points = {}
+    for metric in THRESHOLD_METRICS:
+        head.options.threshold_metric = metric
+        dev_scores = head.dev_metrics(tuner.model, dev, batch)  # decodes dev once, sets the stop bias by `metric`
+        same = float(head.stop_bias) == kept[1]
+        test_scores = scored if same else tuner.evaluate(test)
+        points[metric] = {"stop_bias": float(head.stop_bias), "dev": dev_scores[metric]}
+        points[metric]["test"] = {k: test_scores[k] for k in METRICS}
+    head.options.threshold_metric = kept[0]
+    head.stop_bias.fill_(kept[1])
     return points
 
 

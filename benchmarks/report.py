@@ -457,6 +457,10 @@ def render(records: list[dict[str, Any]], timing: list[dict[str, Any]], results:
     return "\n".join(lines)
 
 
+def _point_name(record: dict[str, Any], knob: str, metric: str, value: float) -> str:
+    return f"{record['variant']}, {knob.replace('_', ' ')} on dev {metric} ({value:g})"
+
+
 def multilabel_section(results: Path) -> list[str]:
     """`multilabel.py`'s results (PTEC on the 22-label hate-speech set): one row per variant."""
     rows, records = [], []
@@ -469,12 +473,15 @@ def multilabel_section(results: Path) -> list[str]:
     records.sort(key=lambda r: (r["variant"], r.get("method") != "prompt_tuning", r.get("method") or ""))
     for r in records:
         tuned = r.get("tuned_on_dev") or {}
+        # The operating point: the classifier's threshold, or how readily label generation ends (its stop bias).
+        knob = next((k for k in ("threshold", "stop_bias") if k in tuned), None)
         chosen = next((k[len("dev_") :] for k in tuned if k.startswith("dev_")), None)  # the config's metric
-        name = r["variant"] if chosen is None else f"{r['variant']}, threshold on dev {chosen} ({tuned['threshold']:g})"
-        variants = [(name, r["test"])]
-        for metric, point in (r.get("operating_points") or {}).items():  # one trained model, other thresholds
+        if knob == "stop_bias":
+            chosen = ((r.get("task_config") or {}).get("head_config") or {}).get("threshold_metric", "macro_f1")
+        variants = [(r["variant"] if chosen is None else _point_name(r, knob, chosen, tuned[knob]), r["test"])]
+        for metric, point in (r.get("operating_points") or {}).items():  # one trained model, other operating points
             if metric != chosen:
-                variants.append((f"{r['variant']}, threshold on dev {metric} ({point['threshold']:g})", point["test"]))
+                variants.append((_point_name(r, knob, metric, point[knob]), point["test"]))
         for name, t in variants:
             rows.append(
                 f"| {name} | {r.get('method', '–')} | {r.get('head', '–')} | {fmt(t['macro_f1'], 3)} | "
