@@ -514,7 +514,9 @@ def verbalizer_sections(folder: Path) -> list[str]:
             runs.append(json.loads(path.read_text()))
         except (OSError, ValueError) as err:
             print(f"skipping {path}: {err}", file=sys.stderr)
-    lines = verbalizer_summary(runs) if len(runs) > 1 else []
+    lines = []
+    for dataset in order({run.get("dataset", "sst-2") for run in runs}, DATASETS):
+        lines += verbalizer_summary([run for run in runs if run.get("dataset", "sst-2") == dataset])
     for path in sorted(folder.glob("*.md")):
         text = path.read_text().strip().splitlines()
         lines += ["#" + text[0], *text[1:], "", f"(`python benchmarks/verbalizers.py`, from `{path.name}`)", ""]
@@ -533,14 +535,16 @@ def verbalizer_summary(runs: list[dict[str, Any]]) -> list[str]:
             per_row.setdefault(row["row"], {})[run["seed"]] = 100 * row["test_accuracy"]
             groups[row["row"]] = row["group"]
     ref = per_row.get(VERBALIZER_REFERENCE, {})
+    dataset = runs[0].get("dataset", "sst-2")
     seeds = sorted(run["seed"] for run in runs)
     tests = sorted({run.get("n_test") for run in runs}, key=str)
     lines = [
-        "## Verbalizers, active selection, ensembles: over seeds",
+        f"## Verbalizers, active selection, ensembles: {dataset}" + (", over seeds" if len(seeds) > 1 else ""),
         "",
-        f"SST-2 16-shot, seeds {', '.join(map(str, seeds))}, {'/'.join(map(str, tests))} test rows per seed "
-        f"(`python benchmarks/verbalizers.py --seed S`). Test accuracy %, mean (std) over seeds; Δ = mean paired "
-        f"difference to `{VERBALIZER_REFERENCE}` on the same seeds, with wins/ties/losses.",
+        f"{dataset} 16-shot, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, "
+        f"{'/'.join(map(str, tests))} test rows per seed (`python benchmarks/verbalizers.py --dataset {dataset} "
+        f"--seed S`). Test accuracy %, mean (std) over seeds; Δ = mean paired difference to `{VERBALIZER_REFERENCE}` "
+        "on the same seeds, with wins/ties/losses.",
         "",
         "| group | row | seeds | test accuracy | Δ vs prompt tuning (pp) | W/T/L |",
         "| --- | --- | --- | --- | --- | --- |",

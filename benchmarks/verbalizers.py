@@ -1,6 +1,7 @@
-"""Verbalizer families, active few-shot selection and prompt ensembles on 16-shot SST-2 (one seed per command).
+"""Verbalizer families, active few-shot selection and prompt ensembles on a 16-shot split (one seed per command).
 
-    python benchmarks/verbalizers.py --seed 13                 # full size: SmolLM2-135M, full test file
+    python benchmarks/verbalizers.py --seed 13                 # full size: SmolLM2-135M, SST-2, full test file
+    python benchmarks/verbalizers.py --dataset mr --seed 13    # MR, CR or SST-5: the main grid's template and words
     python benchmarks/verbalizers.py --model tiny-llama --test-limit 40 --pool-size 60 --k 4 --steps 4   # smoke
 
 Rows (test accuracy; dev = the seed's 16-shot dev file, used for selection and `calibrate=auto` only):
@@ -10,18 +11,20 @@ Rows (test accuracy; dev = the seed's 16-shot dev file, used for selection and `
   KPT with expansion only (no refinement, no calibration); KPT plus content-free calibration;
 - prompt tuning (16 soft tokens, the main grid's settings) on the 16-shot train split with the plain verbalizer, the
   soft verbalizer (WARP-style label embeddings) and KPT with learned word weights;
-- active selection: k examples chosen from a seeded sample of the full SST-2 training file (labels revealed only
-  for the chosen ones) by zero-shot uncertainty, frozen-embedding diversity (k-center) or at random, each with an
-  equal share per zero-shot predicted class, then prompt tuning with the plain verbalizer;
+- active selection: k examples chosen from a seeded sample of the dataset's full file (SST: the training split; MR
+  and CR: the whole corpus minus every dev and test sentence; labels revealed only for the chosen ones) by zero-shot
+  uncertainty, frozen-embedding diversity (k-center) or at random, each with an equal share per zero-shot predicted
+  class, then prompt tuning with the plain verbalizer;
 - ensembles of all the learned prompts above: mean of probabilities and majority vote.
 
-Writes `<out>/sst-2__<seed>.json` (every row, its settings and the environment) and `<out>/sst-2__<seed>.md`.
+Writes `<out>/<dataset>__<seed>.json` (every row, its settings and the environment) and `<out>/<dataset>__<seed>.md`.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -44,12 +47,15 @@ from prompttune.ensemble import combine  # noqa: E402
 from prompttune.evaluation import score_metrics  # noqa: E402
 from prompttune.types import Example  # noqa: E402
 
-TASK = grid.TASKS["sst-2"]  # the main grid's template and label words
 SOFT_TOKENS = 16
+# The full labelled file each dataset's active-selection pool is sampled from (`<label> <text>` lines). SST-2 and SST-5
+# have an official train split; MR and CR come as one file holding every sentence, the test ones included.
+FULL_FILES = {"sst-2": "stsa.binary.train", "sst-5": "stsa.fine.train", "mr": "rt-polarity.all", "cr": "custrev.all"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="sst-2", choices=sorted(FULL_FILES), help="dataset (default: sst-2)")
     p.add_argument("--seed", type=int, default=13, help="data seed (16-shot split) and training seed (default: 13)")
     p.add_argument("--model", default=grid.MODEL, help=f"backbone (default: {grid.MODEL})")
     p.add_argument("--data-dir", type=Path, default=HERE.parent.parent / "shared" / "data", help="data root")
@@ -68,12 +74,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def full_pool(data_dir: Path, size: int, seed: int, exclude: set[str]) -> list[Example]:
-    """A seeded sample of `full/stsa.binary.train` (`<label> <text>` lines), minus sentences in `exclude`."""
+def _key(text: str) -> str:
+    """Letters and digits only: the full files and the 16-shot TSVs quote and encode some sentences differently."""
+    return re.sub(r"[^a-z0-9]+", "", text.lower())
+
+
+def full_pool(data_dir: Path, dataset: str, size: int, seed: int, exclude: set[str]) -> list[Example]:
+    """A seeded sample of the dataset's full file (`<label> <text>` lines), minus sentences whose `_key` is in
+    `exclude`."""
     rows = []
-    for line in (data_dir / "sst-2" / "full" / "stsa.binary.train").read_text().splitlines():
+    for raw in (data_dir / dataset / "full" / FULL_FILES[dataset]).read_bytes().splitlines():
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:  # MR and CR are Latin-1
+            line = raw.decode("latin-1")
         label, _, text = line.partition(" ")
-        if text and text not in exclude:
+        if text and _key(text) not in exclude:
             rows.append({"text": text, "label": label})
     if size and size < len(rows):
         rows = random.Random(seed).sample(rows, size)
@@ -84,14 +100,16 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.backbone = load_backbone(args.model)
-        self.train, self.dev = grid.load_split(args.data_dir, "sst-2", args.seed)
-        self.test = grid.load_test(args.data_dir, "sst-2", args.test_limit)
+        self.task = grid.TASKS[args.dataset]  # the main grid's template and label words
+        self.train, self.dev = grid.load_split(args.data_dir, args.dataset, args.seed)
+        self.test = grid.load_test(args.data_dir, args.dataset, args.test_limit)
         self.rows: list[dict[str, Any]] = []
         self.learned: dict[str, torch.Tensor] = {}  # row -> test probabilities (N, C) of each learned prompt
         self.head: Any = None  # a trained head: the label order and decision rule the ensembles share
 
     def options(self, **extra: Any) -> dict[str, Any]:
-        out = {"template": TASK["template"], "verbalizer": TASK["verbalizer"], "seed": self.args.seed, **extra}
+        task, seed = self.task, self.args.seed
+        out = {"template": task["template"], "verbalizer": task["verbalizer"], "seed": seed, **extra}
         if self.args.steps is not None:
             out.update(max_steps=self.args.steps, eval_every=max(1, min(20, self.args.steps)))
         return out
@@ -166,9 +184,13 @@ class Bench:
 
     # ---- active selection ---------------------------------------------------------------------------------------
     def active(self) -> None:
-        exclude = {ex.fields["sentence"] for ex in self.dev}
-        pool = full_pool(self.args.data_dir, self.args.pool_size, self.args.seed, exclude)
-        cfg = make_config(self.args.model, "manual", template=TASK["template"], verbalizer=TASK["verbalizer"])
+        exclude = {_key(ex.fields["sentence"]) for ex in self.dev}
+        if FULL_FILES[self.args.dataset].endswith(".all"):  # the file holds the test sentences too: never pick them
+            every_test = grid.load_test(self.args.data_dir, self.args.dataset, None)
+            exclude |= {_key(ex.fields["sentence"]) for ex in every_test}
+        pool = full_pool(self.args.data_dir, self.args.dataset, self.args.pool_size, self.args.seed, exclude)
+        task = self.task
+        cfg = make_config(self.args.model, "manual", template=task["template"], verbalizer=task["verbalizer"])
         model = build_model(cfg, self.backbone, list(cfg.task.verbalizer))
         print(f"pool: {len(pool)} sentences", flush=True)
         signals: dict[str, torch.Tensor] = {}  # one pass over the pool per signal, shared by the strategies
@@ -194,7 +216,8 @@ class Bench:
 
     def report(self) -> str:
         lines = [
-            f"# Verbalizers, active selection, ensembles: SST-2 16-shot, seed {self.args.seed}, {self.args.model}",
+            f"# Verbalizers, active selection, ensembles: {self.args.dataset} 16-shot, seed {self.args.seed}, "
+            f"{self.args.model}",
             "",
             f"Test rows: {len(self.test)}. Dev (selection, calibrate=auto): the seed's 16-shot dev file.",
             "",
@@ -216,14 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     wall = time.perf_counter()
     bench = Bench(args)
-    print(f"sst-2 seed {args.seed}, {args.model}, {len(bench.test)} test rows -> {args.out}", flush=True)
+    print(f"{args.dataset} seed {args.seed}, {args.model}, {len(bench.test)} test rows -> {args.out}", flush=True)
     bench.zero_shot()
     bench.prompt_tuning()
     bench.active()
     bench.ensembles()
-    name = f"sst-2__{args.seed}"
+    name = f"{args.dataset}__{args.seed}"
     record = {
-        "dataset": "sst-2",
+        "dataset": args.dataset,
         "seed": args.seed,
         "model": args.model,
         "n_test": len(bench.test),
