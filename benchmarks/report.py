@@ -556,7 +556,8 @@ def verbalizer_summary(runs: list[dict[str, Any]]) -> list[str]:
         if diffs and name != VERBALIZER_REFERENCE:
             delta = f"{statistics.fmean(diffs):+.1f}"
             wtl = f"{sum(d > 0 for d in diffs)}/{sum(d == 0 for d in diffs)}/{sum(d < 0 for d in diffs)}"
-        lines.append(f"| {groups[name]} | {name} | {len(by_seed)} | {mean:.1f} ({std:.1f}) | {delta} | {wtl} |")
+        spread = f" ({std:.1f})" if len(by_seed) > 1 else ""  # one seed: no spread to show
+        lines.append(f"| {groups[name]} | {name} | {len(by_seed)} | {mean:.1f}{spread} | {delta} | {wtl} |")
     return lines + [""]
 
 
