@@ -35,7 +35,8 @@ class TaskConfig:
     where the label is read (causal LMs: the end of the prompt)."""
     verbalizer: dict[str, list[str]] | None = None
     """Label -> label word(s), e.g. `{"0": [" negative"], "1": [" positive"]}`; CLI form `'0= negative,1= positive'`
-    (`|` separates several words for one label). Multi-token words are scored exactly."""
+    (`|` separates several words for one label). Multi-token words are scored exactly. Unset: each label's own name
+    after a space (`pos` -> `" pos"`), with a warning."""
     head: str = "verbalizer"
     """How answers are scored: `verbalizer` (label words), `classifier` (linear head, PTEC), `generation`, or any
     other registered head (`kpt`: knowledgeable verbalizer, `soft_verbalizer`: learned label embeddings,
