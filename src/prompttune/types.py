@@ -40,6 +40,12 @@ class BackboneSpec:
             if not getattr(self, name):
                 object.__setattr__(self, name, self.hidden_size)  # frozen dataclass: set once, here
 
+    @property
+    def embeddings_at_layer_width(self) -> bool:
+        """Whether layer 0 reads the input embeddings as they are; False where the model projects them first, so a
+        per-layer prompt for layer 0 must be written at that layer's input, not into the embeddings."""
+        return self.input_size == self.hidden_size
+
     def sizes(self) -> dict[str, int | str]:
         """The size fields an artifact records and checks on load."""
         keys = ("kind", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size")

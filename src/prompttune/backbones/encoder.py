@@ -20,17 +20,17 @@ class Encoder(Backbone):
 
     def __init__(self, model, tokenizer, name: str):
         super().__init__(model, tokenizer, name)
-        self.position_offset, width = self._position_offset()
+        self.position_offset, width = self._measure()
         # Positions below the offset are never a token's, so the context is that much shorter.
         max_positions = self.spec.max_positions - self.position_offset
         self.spec = dataclasses.replace(self.spec, max_positions=max_positions, output_size=width)
 
     @torch.no_grad()
-    def _position_offset(self) -> tuple[int, int]:
-        """The position id the model gives a sequence's first token: 0 (BERT), or the padding index + 1 (RoBERTa,
-        XLM-R and MPNet number positions after the padding's; MPNet's index is 1 whatever the pad id). Explicit
-        positions keep left padding harmless, so they must start where the model's own do; found by matching the
-        model's own forward on a short unpadded input. Also returns the width of the final hidden states."""
+    def _measure(self) -> tuple[int, int]:
+        """(position id the model gives a sequence's first token, width of the final hidden states), from its own
+        forward. The first is 0 (BERT), or the padding index + 1 (RoBERTa, XLM-R and MPNet number positions after the
+        padding's; MPNet's index is 1 whatever the pad id). Explicit positions keep left padding harmless, so they
+        must start where the model's own do; found by matching the model's own forward on a short unpadded input."""
         pad = getattr(self.model.config, "pad_token_id", None)
         candidates = list(dict.fromkeys([0] + ([int(pad) + 1] if pad is not None else []) + [1, 2, 3]))
         # Ordinary tokens from the middle of the vocabulary: a special id (MPNet's padding index is 1) would be

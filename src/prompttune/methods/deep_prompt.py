@@ -64,7 +64,6 @@ class DeepPrompt(SoftPromptMethod):
         self.prompt = nn.Parameter(torch.zeros(spec.num_layers, config.num_virtual_tokens, spec.hidden_size))
         # prompt: (layers, N, D); row 0 goes into the embeddings, row l replaces the slots at layer l's input. A model
         # that projects its embeddings to another width (OPT-350m, ALBERT) gets row 0 at layer 0's input instead.
-        self.in_embeddings = spec.input_size == spec.hidden_size
 
     @property
     def num_soft_slots(self) -> int:
@@ -78,12 +77,12 @@ class DeepPrompt(SoftPromptMethod):
     def apply(self, inputs: PromptInputs) -> PromptInputs:
         if inputs.decoding:  # no slots in a decoding step: their keys/values at every layer are already cached
             return inputs
-        if not self.in_embeddings:
+        if not self.spec.embeddings_at_layer_width:
             return inputs.replace(layer_hook=self.layer_hook)
         embeds = write_soft(inputs, self.prompt[0])  # (B, T, D)
         return inputs.replace(inputs_embeds=embeds, layer_hook=self.layer_hook)
 
     def layer_hook(self, layer: int, hidden: Tensor, inputs: PromptInputs) -> Tensor:
-        if layer == 0 and self.in_embeddings:  # written into the embeddings by `apply`, before the model adds positions
+        if layer == 0 and self.spec.embeddings_at_layer_width:  # written into the embeddings by `apply`
             return hidden
         return write_slots(hidden, inputs.soft_positions, self.prompt[layer])  # (B, T, D)

@@ -187,12 +187,12 @@ class IAPT(SoftPromptMethod):
             raise PromptTuneError(
                 "iapt: a row has no text before its soft slots to generate the prompt from (empty input field?)"
             )
-        if self.spec.input_size != self.spec.hidden_size:  # projected embeddings (OPT-350m): layer 0 in the hook
+        if not self.spec.embeddings_at_layer_width:  # projected embeddings (OPT-350m): layer 0 in the hook
             return inputs.replace(layer_hook=self.layer_hook)
         soft = self.generate(0, inputs.inputs_embeds, mask)  # (B, P, D)
         return inputs.replace(inputs_embeds=write_soft(inputs, soft), layer_hook=self.layer_hook)
 
     def layer_hook(self, layer: int, hidden: Tensor, inputs: PromptInputs) -> Tensor:
-        if layer == 0 and self.spec.input_size == self.spec.hidden_size:  # written into the embeddings by `apply`
+        if layer == 0 and self.spec.embeddings_at_layer_width:  # written into the embeddings by `apply`
             return hidden
         return write_slots(hidden, inputs.soft_positions, self.generate(layer, hidden, self.instruction_mask(inputs)))

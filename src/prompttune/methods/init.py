@@ -85,6 +85,6 @@ def layer_init_vectors(strategy: str, n: int, spec: BackboneSpec, ctx: InitConte
         if spec.layer_inputs is None:
             return first.expand(spec.num_layers, n, spec.hidden_size).clone()
         states = spec.layer_inputs(torch.cat([ids, ids])).detach().cpu()  # (layers, 2n, D)
-    if spec.input_size != spec.hidden_size:  # the model projects its embeddings: layer 0 reads the projected ones
+    if not spec.embeddings_at_layer_width:  # the model projects its embeddings: layer 0 reads the projected ones
         return states[:, n:].clone()  # (layers, n, D)
     return torch.cat([first[None], states[1:, n:]]).clone()  # (layers, n, D)
