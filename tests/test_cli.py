@@ -60,6 +60,20 @@ def test_train_help_lists_config_and_method_flags(capsys):
     assert "Prefix length" in out  # the field's attribute docstring is the help text
 
 
+def test_text_flags_read_backslash_escapes_and_paths_stay_as_typed():
+    # A shell's single quotes keep `\n` as two characters; the README's templates must mean what they mean in Python.
+    from prompttune.cli import build_parser
+
+    argv = ["train", "--template", r"Review: {text}\n{soft}Sentiment:\t{answer}", "--init-text", r"a\\nb",
+            "--train", r"data\new"]  # fmt: skip
+    args = build_parser(argv).parse_args(argv)
+    assert args.template == "Review: {text}\n{soft}Sentiment:\t{answer}"
+    assert args.init_text == "a\\nb"  # an escaped backslash is one backslash, the n stays a letter
+    assert args.train == "data\\new"  # a path is taken as typed
+    argv = ["select", "--pool", "p.tsv", "--out", "o.tsv", "--template", r"{text}\n{answer}"]
+    assert build_parser(argv).parse_args(argv).template == "{text}\n{answer}"
+
+
 def test_method_flags_follow_the_yaml_method(capsys, tmp_path):
     (tmp_path / "run.yaml").write_text("method: {name: prefix_tuning, projection: true, init: random}\n")
     code, out, _ = run(capsys, "train", "--config", tmp_path / "run.yaml", "--help")
@@ -98,6 +112,13 @@ def test_train_eval_predict_export_import(capsys, data, tmp_path):
     code, out, _ = run(capsys, "predict", art, "great movie", "--json")
     original = json.loads(out)["predictions"][0]
     assert original["label"] in ("0", "1") and set(original["scores"]) == {"0", "1"}
+    # A file of inputs: the same labels as the texts given one by one, written next to each row and its gold label.
+    code, out, _ = run(capsys, "predict", art, "--data", data / "test.tsv", "--out", tmp_path / "pred.jsonl")
+    assert code == 0 and out.startswith("wrote 4 predictions")
+    written = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    code, out, _ = run(capsys, "predict", art, *[t for t, _ in ROWS], "--json")
+    assert [r["prediction"] for r in written] == [p["label"] for p in json.loads(out)["predictions"]]
+    assert [(r["text"], r["label"]) for r in written] == ROWS
 
     code, out, err = run(capsys, "export", art, "--format", "peft", "--out", tmp_path / "peft")
     assert code == 0 and "warning" not in err
@@ -228,6 +249,8 @@ def _bad_inputs(tmp_path, data):
             ["import-peft", data, "--model", "tiny-llama", "--out", tmp_path / "x"],
             "not a PEFT adapter",
         ),
+        "predict_nothing": (["predict", tmp_path / "none"], "either TEXTs or --data FILE"),
+        "predict_both": (["predict", tmp_path / "none", "a", "--data", data / "test.tsv"], "either TEXTs or --data"),
     }
 
 
@@ -235,7 +258,7 @@ def _bad_inputs(tmp_path, data):
     "case",
     ["missing_file", "missing_column", "empty_file", "unknown_label", "no_answer", "bad_flag_value",
      "bad_field_value", "unknown_method", "bad_yaml", "no_artifact", "export_bad_dir", "missing_field",
-     "not_an_adapter"],
+     "not_an_adapter", "predict_nothing", "predict_both"],
 )  # fmt: skip
 def test_user_errors_are_one_line(capsys, tmp_path, data, case):
     argv, expected = _bad_inputs(tmp_path, data)[case]

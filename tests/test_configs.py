@@ -56,3 +56,16 @@ def test_config_parses_builds_and_trains(path, tiny_llama, tmp_path, monkeypatch
     prediction = loaded.predict([{field: "a great film" for field in loaded.model.template.fields}])[0]
     labels = set(cfg.task.verbalizer or loaded.model.head.labels)
     assert (set(prediction) if isinstance(prediction, tuple) else {prediction}) <= labels
+
+
+def test_label_words_that_mix_a_leading_space_warn():
+    from prompttune.config import parse_verbalizer
+
+    with pytest.warns(UserWarning, match=r"\['great'\] have no leading space"):
+        assert parse_verbalizer("0= bad,1= good|great") == {"0": [" bad"], "1": [" good", "great"]}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # consistent words, with or without the space, say nothing
+        parse_verbalizer("0= bad,1= good| great")
+        parse_verbalizer({"a": "yes", "b": "no"})

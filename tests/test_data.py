@@ -63,6 +63,26 @@ def test_row_sources_count_blank_lines(tmp_path):
     assert [e.source for e in load_examples(tsv)] == [f"{tsv}:2", f"{tsv}:4"]
 
 
+def test_quoted_csv_field_keeps_its_line_break(tmp_path):
+    # Spreadsheet exports quote a cell that holds a line break; the break is part of the text (it was dropped when
+    # the file was split into lines before parsing). A BOM and CRLF line ends are read as well.
+    path = tmp_path / "d.csv"
+    path.write_bytes('\ufefftext,label\r\n"works fine\nno issues",1\r\nbad,0\r\n'.encode())
+    loaded = load_examples(path)
+    assert [e.fields["text"] for e in loaded] == ["works fine\nno issues", "bad"]
+    assert [e.source for e in loaded] == [f"{path}:3", f"{path}:4"]  # the line each row ends on
+
+
+def test_nested_json_objects_become_dotted_columns(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"review": {"title": "Great", "body": "fun"}, "meta": {"stars": 5}}\n')
+    (example,) = load_examples(path, label_field="meta.stars")
+    assert example.fields == {"review.title": "Great", "review.body": "fun"} and example.label == "5"
+    template = Template("Title: {review.title}\n{review.body}{answer}")
+    assert template.render_text(example) == "Title: Great\nfun"
+    assert load_examples([{"x": {"text": "a"}, "labels": ["p", "q"]}])[0].label == ("p", "q")
+
+
 def test_multi_label_lists_and_float_labels(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"text": "a", "labels": ["x", "y"]}\n{"text": "b", "labels": 2.0}\n')
@@ -223,6 +243,16 @@ def test_text_field_falls_back_to_the_sentence_column(tiny_llama):
     prompt = template.encode(Example({"sentence": "good fun"}), tok, 0, 512)
     assert list(prompt.ids) == tok("Review: good fun", add_special_tokens=False)["input_ids"]
     assert template.encode(Example({"x": "a"}), tok, 0, 512).ids == tuple(tok("Review: a")["input_ids"])
+
+
+def test_field_names_are_any_column_name():
+    # Spreadsheet headers have spaces and punctuation; spaces inside the braces are trimmed.
+    template = Template("Review: {Review Text} ({ stars-given }){soft:2}{answer}")
+    assert template.fields == ["Review Text", "stars-given"]
+    example = Example({"Review Text": "good", "stars-given": "5"})
+    assert template.render_chunks(example) == ["Review: good (5)", ""]
+    # A JSON-like literal is not a field (a colon not followed by a count), and `{{`/`}}` stay literal braces.
+    assert Template('Answer as {"label": x}. {text}{answer}').fields == ["text"]
 
 
 def test_literal_braces():

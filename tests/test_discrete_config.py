@@ -127,3 +127,26 @@ def test_shipped_search_configs_run(path, tiny_llama, monkeypatch, tmp_path):
         kwargs["max_new_tokens"] = 4  # the proposer's; tiny-llama writes noise either way
     result = search(**kwargs)
     assert result.calls <= 140 and result.best is not None
+
+
+def test_verbs_on_a_text_prompt(tmp_path, files, capsys, tiny_llama):
+    # `predict` works on a searched text prompt as on a soft one (texts or a file); `generate` and `export` say why
+    # they do not apply instead of failing inside (the manual optimiser shares its name with the soft `manual`).
+    cfg = config(*files)
+    cfg["search"].update(optimizer="manual", optimizer_config={}, budget=20)
+    run_cli(capsys, "--config", write_yaml(tmp_path / "s.yaml", cfg), "--out", tmp_path / "a")
+    assert main(["predict", str(tmp_path / "a"), "this film was great .", "--json"]) == 0
+    (single,) = json.loads(capsys.readouterr().out)["predictions"]
+    assert main(["predict", str(tmp_path / "a"), "--data", files[1], "--out", str(tmp_path / "p.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert rows[0]["text"] == "this film was great ." and rows[0]["prediction"] == single["label"]
+    assert set(single["scores"]) == {"0", "1"}
+    capsys.readouterr()
+    for argv, message in (
+        (["generate", str(tmp_path / "a"), "fun"], "generation needs a soft prompt"),
+        (["export", str(tmp_path / "a"), "--out", str(tmp_path / "e")], "has no PEFT form"),
+        (["ensemble", str(tmp_path / "a"), "--data", files[1]], "members are soft prompts"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1

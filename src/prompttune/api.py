@@ -158,7 +158,13 @@ class PromptTuner:
             self._backbone = load_backbone(self.config.model, self.device)
         return self._backbone
 
-    def _examples(self, data: Any, require_label: bool = True) -> list[Example]:
+    @property
+    def template(self) -> Template:
+        return self._require_model().template
+
+    def load_data(self, data: Any, require_label: bool = True) -> list[Example]:
+        """Examples read as this prompt reads them (label field, label columns; a plain string fills the template's
+        only field)."""
         if data is None:
             return []
         fields = list(dict.fromkeys(self.model.template.fields)) if self.model else []
@@ -188,7 +194,7 @@ class PromptTuner:
         if cfg.task.label_columns == ["all"]:
             # Fix the columns on the training data: every split, and the saved run.yaml, then use the same label set.
             cfg.task.label_columns = detect_label_columns(train)
-        train_ex, dev_ex = self._examples(train), self._examples(dev)
+        train_ex, dev_ex = self.load_data(train), self.load_data(dev)
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg, self.backbone, resolve_labels(cfg.task, train_ex))
         self.model.method.initialize(init_context(self.model, cfg.train.seed, hint_text(cfg), train_ex))
@@ -205,12 +211,12 @@ class PromptTuner:
 
     def evaluate(self, data: Any, batch_size: int | None = None) -> dict[str, Any]:
         """Metrics on labelled data, e.g. `{"accuracy": .., "macro_f1": .., "primary_metric": "accuracy"}`."""
-        return evaluate(self._require_model(), self._examples(data), batch_size or self.config.train.eval_batch_size)
+        return evaluate(self._require_model(), self.load_data(data), batch_size or self.config.train.eval_batch_size)
 
     def predict(self, texts: Sequence[str | dict[str, str]], batch_size: int | None = None) -> list[Any]:
         """Labels for raw texts (or dicts of fields)."""
         model = self._require_model()
-        examples = self._examples(list(texts), require_label=False)
+        examples = self.load_data(list(texts), require_label=False)
         if not model.head.is_classifier:  # text heads: the generation, or the labels it names
             return [model.head.parse(text) for text in model.generate(examples, batch_size or 16)]
         return model.head.decide(model.scores(examples, batch_size or self.config.train.eval_batch_size))
@@ -218,12 +224,28 @@ class PromptTuner:
     def predict_scores(self, texts: Sequence[str | dict[str, str]]) -> torch.Tensor:
         """Class scores (N, C) (log-probabilities for the verbalizer, logits for the classifier head)."""
         model = self._require_model()
-        return model.scores(self._examples(list(texts), require_label=False), self.config.train.eval_batch_size)
+        return model.scores(self.load_data(list(texts), require_label=False), self.config.train.eval_batch_size)
+
+    def predict_with_scores(self, data: Any) -> tuple[list[Any], torch.Tensor | None, list[str]]:
+        """Labels, class scores (N, C) with their label names (no scores for text heads), for texts, dicts of fields,
+        `Example`s or a data file (a label column is allowed and ignored)."""
+        model = self._require_model()
+        examples = self.load_data(data if isinstance(data, (str, Path)) else list(data), require_label=False)
+        if not model.head.is_classifier:
+            return self.predict(examples), None, []
+        scores = model.scores(examples, self.config.train.eval_batch_size)
+        return model.head.decide(scores), scores, list(model.head.labels)
 
     def generate(self, texts: Sequence[str | dict[str, str]], max_new_tokens: int | None = None) -> list[str]:
-        """Greedy generations for raw texts."""
+        """Greedy generations for raw texts.
+
+        Raises:
+            PromptTuneError: the backbone is an encoder (it does not generate).
+        """
         model = self._require_model()
-        return model.generate(self._examples(list(texts), require_label=False), max_new_tokens=max_new_tokens)
+        if self.backbone.kind != "causal_lm":
+            raise PromptTuneError(f"generation needs a causal LM; {self.config.model} is an encoder")
+        return model.generate(self.load_data(list(texts), require_label=False), max_new_tokens=max_new_tokens)
 
     def save(self, path: str | Path, metrics: dict[str, Any] | None = None) -> Path:
         """Write the artifact directory (atomically)."""

@@ -3,26 +3,26 @@
 Every config flag is generated from the config dataclasses (`TaskConfig`, `TrainConfig`, `DataConfig` and the chosen
 method's config) and their attribute docstrings, so Python, YAML and the CLI share one source. `train` parses
 `--method`/`--config` first and then adds that method's own flags. User errors print one `error: ...` line on stderr
-and exit with code 2; a traceback means a bug in prompttune.
+and exit with code 2; a traceback means a bug in prompttune. In text flags (templates, separators, init texts)
+`\\n`, `\\t` and `\\\\` are a newline, a tab and a backslash, as in Python strings; paths are taken as typed.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import sys
 import time
-import types
 import typing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .cliutil import add_config_flags, fmt, make_verb, preparsed, print_table
 from .config import DataConfig, RunConfig, TaskConfig, TrainConfig, field_docs, read_yaml_mapping
 from .errors import PromptTuneError
 
@@ -37,49 +37,6 @@ class _Parser(argparse.ArgumentParser):
         raise PromptTuneError(f"{message} (see `{self.prog} --help`)")
 
 
-def _comma_list(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-_METAVARS: dict[Any, str] = {int: "N", float: "X", _comma_list: "A,B,..."}
-
-
-def _flag_type(hint: Any) -> Any:
-    """`bool`, or the converter for one field's CLI string (dicts such as the verbalizer parse in the config)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    origin = typing.get_origin(hint) or hint
-    if origin in (bool, int, float, str):
-        return origin
-    return _comma_list if origin is list else str
-
-
-def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str, taken: set[str]) -> list[str]:
-    """Add `--field-name` for each field of a config dataclass (bools as `--x/--no-x`); returns the field names.
-
-    Defaults are suppressed, so the namespace holds only what the user typed and YAML values are kept otherwise.
-    """
-    group = parser.add_argument_group(title)
-    hints, docs, names = typing.get_type_hints(cls), field_docs(cls), []
-    for f in dataclasses.fields(cls):
-        if f.name in taken:  # a method field shadows a section field, as in `api.split_kwargs`
-            continue
-        taken.add(f.name)
-        names.append(f.name)
-        doc = docs.get(f.name, "").rstrip(".")
-        if "default:" not in doc:
-            doc += f" (default: {f.default if f.default is not dataclasses.MISSING else None})"
-        help_text = doc.replace("%", "%%")
-        kind = _flag_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        else:
-            metavar = _METAVARS.get(kind, "TEXT") if cls is not DataConfig else "PATH"
-            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
-    return names
-
-
 def read_run_config(path: str | Path) -> RunConfig:
     """A RunConfig from a YAML file (same structure as `RunConfig.from_dict`)."""
     return RunConfig.from_dict(read_yaml_mapping(path), where=str(path))
@@ -92,7 +49,7 @@ def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
 
     rows = zoo.list_models()
     table = [[r["name"], r["kind"], r["params"], "yes" if r["installed"] else "no", r["cached"] or "-"] for r in rows]
-    _print_table(args, ["name", "kind", "params", "installed", "cached"], table)
+    print_table(args, ["name", "kind", "params", "installed", "cached"], table)
     return {"models": rows}
 
 
@@ -137,8 +94,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     for split in ("dev", "test"):
         if summary[split]:
             key = summary[split]["primary_metric"]
-            rows.append([f"{split} {key}", _fmt(summary[split][key])])
-    _print_table(args, ["", ""], rows + [["artifact", str(cfg.out)]], header=False)
+            rows.append([f"{split} {key}", fmt(summary[split][key])])
+    print_table(args, ["", ""], rows + [["artifact", str(cfg.out)]], header=False)
     return summary
 
 
@@ -147,8 +104,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from .api import PromptTuner
 
     metrics = PromptTuner.load(args.dir).evaluate(args.data, args.batch_size)
-    rows = [[k, _fmt(v)] for k, v in metrics.items() if k != "primary_metric"]
-    _print_table(args, ["metric", "value"], rows)
+    rows = [[k, fmt(v)] for k, v in metrics.items() if k != "primary_metric"]
+    print_table(args, ["metric", "value"], rows)
     return metrics
 
 
@@ -156,33 +113,47 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     """Labels (classifier heads) or generations (generation head) for raw texts."""
     from .api import PromptTuner
 
+    if bool(args.texts) == bool(args.data):
+        raise PromptTuneError("predict: give either TEXTs or --data FILE")
     tuner = PromptTuner.load(args.dir)
-    assert tuner.model is not None
-    inputs = _inputs(tuner, args.texts)
-    if not tuner.model.head.is_classifier:
-        labels, scores = tuner.predict(inputs), None
-    else:
-        scores = tuner.predict_scores(inputs)
-        labels = tuner.model.head.decide(scores)
+    inputs = tuner.load_data(args.data, require_label=False) if args.data else _inputs(tuner, args.texts)
+    texts = [" | ".join(e.fields.values()) for e in inputs] if args.data else args.texts
+    labels, scores, names = tuner.predict_with_scores(inputs)
+    if args.out:
+        _write_predictions(args.out, inputs, labels)
     out = []
-    for i, (text, label) in enumerate(zip(args.texts, labels, strict=True)):
+    for i, (text, label) in enumerate(zip(texts, labels, strict=True)):
         label = list(label) if isinstance(label, tuple) else label
         item = {"text": text, "label": label}
         if scores is not None:
-            item["scores"] = dict(zip(tuner.model.head.labels, [round(s, 6) for s in scores[i].tolist()], strict=True))
+            item["scores"] = dict(zip(names, [round(s, 6) for s in scores[i].tolist()], strict=True))
         out.append(item)
-        if not args.json:
+        if not args.json and not args.out:
             print(f"{','.join(label) if isinstance(label, list) else label}\t{text}")
-    return {"predictions": out}
+    if args.out and not args.json:
+        print(f"wrote {len(out)} predictions to {args.out}")
+    return {"predictions": out, "out": args.out}
+
+
+def _write_predictions(path: str, examples: Sequence[Any], predictions: Sequence[Any]) -> None:
+    """The input rows with a `prediction` column (and their gold `label` column, where they had one)."""
+    from .data.examples import write_examples
+    from .types import Example
+
+    rows = []
+    for ex, pred in zip(examples, predictions, strict=True):
+        gold = {} if ex.label is None else {"label": ",".join(ex.label) if isinstance(ex.label, tuple) else ex.label}
+        rows.append(Example({**ex.fields, **gold}, tuple(pred) if isinstance(pred, list) else pred, ex.source))
+    write_examples(path, rows, "prediction")
 
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     """Greedy generations with the learned prompt."""
     from .api import PromptTuner
 
+    if not args.texts:
+        raise PromptTuneError("generate: give at least one TEXT")
     tuner = PromptTuner.load(args.dir)
-    if tuner.backbone.kind != "causal_lm":
-        raise PromptTuneError(f"{args.dir}: generation needs a causal LM, the backbone is an encoder")
     texts = tuner.generate(_inputs(tuner, args.texts), args.max_new_tokens)
     if not args.json:
         for text in texts:
@@ -224,7 +195,7 @@ def cmd_import_peft(args: argparse.Namespace) -> dict[str, Any]:
 # ---- helpers --------------------------------------------------------------------------------------------------------
 def _inputs(tuner: Any, texts: Sequence[str]) -> list[Any]:
     """A JSON object gives several fields; a plain string fills the template's only field."""
-    fields = list(dict.fromkeys(tuner.model.template.fields))
+    fields = list(dict.fromkeys(tuner.template.fields))
     out: list[Any] = []
     for text in texts:
         if text.lstrip().startswith("{"):
@@ -237,44 +208,7 @@ def _inputs(tuner: Any, texts: Sequence[str]) -> list[Any]:
     return out
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _print_table(args: argparse.Namespace, headers: list[str], rows: list[list[str]], header: bool = True) -> None:
-    if args.json:
-        return
-    table = ([headers] if header else []) + rows
-    widths = [max(len(str(r[i])) for r in table) for i in range(len(headers))]
-    for row in table:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
 # ---- parser ---------------------------------------------------------------------------------------------------------
-def preparsed(argv: Sequence[str], verb: str, flag: str, from_config: Callable[[str], str], default: str) -> str:
-    """What `verb` will use for `flag` (the flag, else the `--config` file's value, else `default`), read before the
-    real parse because it decides which flags exist (a method's, a head's, an optimiser's)."""
-    if argv[:1] != [verb]:
-        return default
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument(flag)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv[1:])
-    value = getattr(known, flag.lstrip("-").replace("-", "_"))
-    if value:
-        return value
-    return from_config(known.config) if known.config else default
-
-
-def _verb(verbs: Any, name: str, help_text: str, func: Any, positional: str | None = "DIR") -> argparse.ArgumentParser:
-    p = verbs.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
-    if positional:
-        p.add_argument(positional.lower(), metavar=positional)
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.set_defaults(func=func)
-    return p
-
-
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The full parser; `argv` decides which method's flags `train` gets."""
     from .data.fewshot import add_select_verb
@@ -283,11 +217,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     parser = _Parser(prog="prompttune", description="Learn prompts for frozen pretrained models.", allow_abbrev=False)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=_Parser)
-    _verb(verbs, "models", "list the embedded models", cmd_models, None)
+    make_verb(verbs, "models", "list the embedded models", cmd_models, None)
 
     method = preparsed(argv, "train", "--method", lambda path: read_run_config(path).method, RunConfig.method)
     method_cls = lookup(METHODS, method, "method")
-    p = _verb(verbs, "train", "train a prompt and save an artifact", cmd_train, None)
+    p = make_verb(verbs, "train", "train a prompt and save an artifact", cmd_train, None)
     run_docs = field_docs(RunConfig)
     p.add_argument("--model", help=f"{run_docs['model'].rstrip('.')} (default: {RunConfig.model})")
     methods = ", ".join(sorted(METHODS))
@@ -306,23 +240,28 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         fields += add_config_flags(p, cls, name, taken)
     p.set_defaults(config_fields=fields)
 
-    p = _verb(verbs, "eval", "metrics of a saved artifact on labelled data", cmd_eval)
+    p = make_verb(verbs, "eval", "metrics of a saved artifact on labelled data", cmd_eval)
     p.add_argument("--data", required=True, metavar="FILE", help="labelled TSV/CSV/JSONL file")
     p.add_argument("--batch-size", type=int, help="examples per batch (default: the run's eval_batch_size)")
     for verb, func, what in (("predict", cmd_predict, "labels"), ("generate", cmd_generate, "greedy generations")):
-        p = _verb(verbs, verb, f"{what} for raw texts", func)
-        p.add_argument("texts", nargs="+", metavar="TEXT", help="input text, or a JSON object of template fields")
+        p = make_verb(verbs, verb, f"{what} for raw texts", func)
+        p.add_argument("texts", nargs="*", metavar="TEXT", help="input text, or a JSON object of template fields")
     p.add_argument("--max-new-tokens", type=int, help="most tokens to generate (default: the artifact's)")
+    p = verbs.choices["predict"]
+    p.add_argument("--data", metavar="FILE", help="TSV/CSV/JSONL of inputs instead of TEXTs (a label column is kept)")
+    p.add_argument("--out", metavar="FILE", help="write the rows with a `prediction` column (.tsv/.csv/.jsonl)")
 
-    p = _verb(verbs, "export", "write an artifact in another format (PEFT)", cmd_export)
+    p = make_verb(verbs, "export", "write an artifact in another format (PEFT)", cmd_export)
     p.add_argument("--format", choices=["peft"], default="peft", help="target format (default: peft)")
     p.add_argument("--out", required=True, metavar="DIR2", help="directory to write")
-    p = _verb(verbs, "import-peft", "turn a PEFT prompt-tuning adapter into an artifact", cmd_import_peft, "PEFT_DIR")
+    p = make_verb(
+        verbs, "import-peft", "turn a PEFT prompt-tuning adapter into an artifact", cmd_import_peft, "PEFT_DIR"
+    )
     p.add_argument("--model", required=True, help=run_docs["model"])
     p.add_argument("--out", required=True, metavar="DIR", help="artifact directory to write")
     p.set_defaults(config_fields=add_config_flags(p, TaskConfig, "task", set()))
-    add_select_verb(verbs, _verb)
-    add_ensemble_verb(verbs, _verb)
+    add_select_verb(verbs, make_verb)
+    add_ensemble_verb(verbs, make_verb)
     from .discrete.cli import add_search_parser
 
     add_search_parser(verbs, argv)

@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import json
 import textwrap
+import warnings
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -31,8 +32,9 @@ class TaskConfig:
     """What the prompt is for: how examples become tokens and how answers are scored."""
 
     template: str = "{text}{soft}{answer}"
-    """Template with `{field}` placeholders for data columns, `{soft}` (or `{soft:K}`) for soft tokens and `{answer}`
-    where the label is read (causal LMs: the end of the prompt)."""
+    """Template with `{field}` placeholders for data columns (any column name, e.g. `{Review Text}`), `{soft}` (or
+    `{soft:K}`) for soft tokens and `{answer}` where the label is read (causal LMs: the end of the prompt); `{{`/`}}`
+    are literal braces. On the command line `\\n` and `\\t` in text flags are a newline and a tab."""
     verbalizer: dict[str, list[str]] | None = None
     """Label -> label word(s), e.g. `{"0": [" negative"], "1": [" positive"]}`; CLI form `'0= negative,1= positive'`
     (`|` separates several words for one label). Multi-token words are scored exactly. Unset: each label's own name
@@ -278,6 +280,14 @@ def parse_verbalizer(spec: str | dict[Any, Any] | list[Any]) -> dict[str, list[s
         result[str(label)] = words
     if len(result) < 2 and result:
         raise PromptTuneError(f"verbalizer: expected at least two labels, got {sorted(result)}")
+    words = [w for ws in result.values() for w in ws]
+    bare = [w for w in words if not w[0].isspace()]
+    if bare and len(bare) < len(words):  # `1= positive|good`: the text is taken as typed, so `good` has no space
+        warnings.warn(
+            f"verbalizer: the words {bare} have no leading space and the others do; after `Sentiment:` a model "
+            f"reads ' {bare[0]}' and '{bare[0]}' as different tokens (write the space you mean)",
+            stacklevel=2,
+        )
     return result
 
 

@@ -87,6 +87,8 @@ class PromptEnsemble:
         members = []
         for d in dirs:
             tuner = PromptTuner.load(d, backbone=backbone, device=device)
+            if not isinstance(tuner, PromptTuner):  # a DiscretePrompt: scored through its own LLM backend
+                raise PromptTuneError(f"ensemble: {d} is a text prompt found by `search`; members are soft prompts")
             if members and tuner.config.model != members[0].config.model:
                 raise PromptTuneError(
                     f"ensemble: {d} was trained on {tuner.config.model!r}, {dirs[0]} on {members[0].config.model!r}; "
@@ -149,13 +151,13 @@ def add_ensemble_verb(verbs: Any, make_verb: Any) -> None:
 
 
 def _cmd(args: Any) -> dict[str, Any]:
-    from .cli import _fmt, _print_table
+    from .cliutil import fmt, print_table
 
     ens = PromptEnsemble.load(args.dirs)
     hows = COMBINERS if args.combine == "both" else (args.combine,)
     result = ens.evaluate_all(args.data, hows, args.batch_size)
     key = result["members"][0]["primary_metric"]
-    rows = [[d, _fmt(m[key])] for d, m in zip(args.dirs, result["members"], strict=True)]
-    rows += [[f"ensemble ({how})", _fmt(result[how][key])] for how in hows]
-    _print_table(args, ["", key], rows)
+    rows = [[d, fmt(m[key])] for d, m in zip(args.dirs, result["members"], strict=True)]
+    rows += [[f"ensemble ({how})", fmt(result[how][key])] for how in hows]
+    print_table(args, ["", key], rows)
     return {"dirs": list(args.dirs), **result}

@@ -60,6 +60,10 @@ def front_warnings(template: str) -> list[str]:
 def _load_method(artifact_dir: Path) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """(manifest, run config, method with the saved state) without loading the backbone."""
     manifest = artifacts.read_manifest(artifact_dir)
+    if manifest.get("kind") == "discrete":  # its method names a search optimiser, which may share a soft method's name
+        raise PromptTuneError(
+            f"{artifact_dir}: a text prompt found by `search` has no PEFT form; its text is in prompt.json"
+        )
     run = yaml.safe_load((artifact_dir / "run.yaml").read_text()) if (artifact_dir / "run.yaml").is_file() else {}
     method_cls = lookup(METHODS, manifest["method"], "method")
     config = build_section(

@@ -80,7 +80,7 @@ def _records(source: Any) -> tuple[list[Mapping[str, Any]], str, list[int] | Non
                 raise PromptTuneError(f"{path}: directory holds no train.tsv/.csv/.jsonl")
             path = split
         records, lines = _read_file(path)
-        return records, str(path), lines
+        return [_flatten(r) for r in records], str(path), lines
     if hasattr(source, "to_list"):  # datasets.Dataset
         source = source.to_list()
     if isinstance(source, Iterable):
@@ -89,8 +89,21 @@ def _records(source: Any) -> tuple[list[Mapping[str, Any]], str, list[int] | Non
             raise PromptTuneError("<data>: no examples")
         if not all(isinstance(r, Mapping) for r in records):
             raise PromptTuneError("<data>: expected a dict of columns (or a plain string) per example")
-        return records, "<data>", None
+        return [_flatten(r) for r in records], "<data>", None
     raise PromptTuneError(f"data: expected a file path, directory, list of dicts or Dataset, got {type(source)}")
+
+
+def _flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested JSON objects become dotted columns (`{"meta": {"title": ...}}` -> `meta.title`), so a template can name
+    `{meta.title}` and `label_field` can be `meta.label`; lists stay values (multi-label labels)."""
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
 
 
 def _read_file(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
@@ -106,7 +119,8 @@ def _read_file(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     if suffix in (".jsonl", ".json"):
         return _read_json(path, text)
     delimiter = "\t" if suffix == ".tsv" else ","
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    # A file object, not a list of lines: a quoted field may span lines, and its newline belongs to the text.
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
     rows, lines = [], []
     for row in reader:
         if None in row or any(v is None for v in row.values()):

@@ -251,7 +251,7 @@ def sample_k_shot(examples: Sequence[Example], k_per_class: int, seed: int) -> l
 # ---- CLI: `prompttune select` ---------------------------------------------------------------------------------------
 def add_select_verb(verbs: Any, make_verb: Any) -> None:
     """Register `prompttune select` (flags from `SelectConfig`; template and label words as for `train`)."""
-    from ..cli import add_config_flags
+    from ..cliutil import add_config_flags, text_flag
     from ..config import TaskConfig, field_docs
 
     p = make_verb(verbs, "select", "choose which k pool examples to label (active few-shot selection)", _cmd, None)
@@ -259,7 +259,7 @@ def add_select_verb(verbs: Any, make_verb: Any) -> None:
     p.add_argument("--model", default="smollm2-135m", help="frozen model (default: smollm2-135m)")
     p.add_argument("--pool", required=True, metavar="FILE", help="TSV/CSV/JSONL pool (a label column is optional)")
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the chosen rows (.tsv/.csv/.jsonl)")
-    p.add_argument("--template", default=TaskConfig.template, help=docs["template"])
+    p.add_argument("--template", type=text_flag, default=TaskConfig.template, metavar="TEXT", help=docs["template"])
     p.add_argument("--verbalizer", help=f"{docs['verbalizer']} Needed by uncertainty and balance=predicted.")
     p.add_argument("--label-field", help=docs["label_field"])
     p.set_defaults(select_fields=add_config_flags(p, SelectConfig, "selection", set()))
@@ -268,7 +268,7 @@ def add_select_verb(verbs: Any, make_verb: Any) -> None:
 def _cmd(args: Any) -> dict[str, Any]:
     from ..api import build_model, make_config, resolve_labels
     from ..backbones import load_backbone
-    from ..cli import _print_table
+    from ..cliutil import print_table
     from ..config import build_section
     from .examples import load_examples, write_examples
 
@@ -288,7 +288,7 @@ def _cmd(args: Any) -> dict[str, Any]:
     for i in chosen.indices:
         text = " | ".join(pool[i].fields.values()).replace("\n", " ")
         rows.append([str(i), str(pool[i].label or ""), f"{chosen.score[i]:.4f}" if chosen.score else "-", text[:70]])
-    _print_table(args, ["row", "label", "uncertainty", "text"], rows)
+    print_table(args, ["row", "label", "uncertainty", "text"], rows)
     return {
         "out": str(args.out),
         "indices": chosen.indices,

@@ -13,7 +13,8 @@ from typing import Any
 from ..errors import PromptTuneError
 from ..types import Example
 
-_TOKEN = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::(\d+))?\}")
+# `{field}` takes any column name (`{Review Text}`, `{sentence1}`; spaces around it are trimmed); `{soft:K}` a count.
+_TOKEN = re.compile(r"\{\s*([^{}:\s][^{}:\n]*?)\s*(?::(\d+))?\}")
 _PROMPT = "\2"  # stands for `{prompt}` inside a parsed chunk
 _TEXT_ALIASES = ("text", "sentence", "content", "review", "input", "question")
 

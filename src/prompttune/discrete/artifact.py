@@ -147,27 +147,41 @@ class DiscretePrompt:
             label_field,
         )
 
-    def _examples(self, data: Any, require_label: bool = True) -> list[Example]:
+    def load_data(self, data: Any, require_label: bool = True) -> list[Example]:
+        """Examples read as this prompt reads them (as `PromptTuner.load_data`)."""
         if isinstance(data, (list, tuple)) and len(self.template.fields) == 1:
             data = [{self.template.fields[0]: d} if isinstance(d, str) else d for d in data]
         return load_examples(data, self.label_field, require_label)
 
     def evaluate(self, data: Any, batch_size: int | None = None) -> dict[str, Any]:
         """Metrics on labelled data (what `prompttune eval` prints)."""
-        examples = self._examples(data)
+        examples = self.load_data(data)
         return self.objective.score([self.candidate], examples)[0].metrics
 
     def predict_scores(self, texts: Any) -> Tensor:
         """Class log-probabilities (N, C)."""
-        examples = self._examples(list(texts), require_label=False)
+        examples = self.load_data(list(texts), require_label=False)
         return self.objective.score([self.candidate], examples)[0].logprobs
 
     def predict(self, texts: Any) -> list[str]:
         return [self.labels[i] for i in self.predict_scores(texts).argmax(-1).tolist()]
 
+    def predict_with_scores(self, data: Any) -> tuple[list[str], Tensor, list[str]]:
+        """Labels, class log-probabilities (N, C) and their label names, as `PromptTuner.predict_with_scores`."""
+        examples = self.load_data(data if isinstance(data, (str, Path)) else list(data), require_label=False)
+        scores = self.objective.score([self.candidate], examples)[0].logprobs
+        return [self.labels[i] for i in scores.argmax(-1).tolist()], scores, list(self.labels)
+
+    def generate(self, texts: Any, max_new_tokens: int | None = None) -> list[str]:
+        """Not offered: a searched prompt is chosen by how it scores label words, not for free text."""
+        raise PromptTuneError(
+            f"{self.path}: a text prompt found by `search` scores label words; generation needs a soft prompt trained "
+            "with --head generation"
+        )
+
     def prompt_texts(self, texts: Any) -> list[str]:
         """The full prompts the LLM reads for these inputs."""
-        examples = self._examples(list(texts), require_label=False)
+        examples = self.load_data(list(texts), require_label=False)
         return self.objective.prompt_texts(self.candidate, examples)
 
 

@@ -24,7 +24,7 @@ from ..errors import PromptTuneError
 
 def add_search_parser(verbs: Any, argv: Sequence[str]) -> None:
     """Add the `search` verb (its optimiser's flags depend on `--optimizer` in argv)."""
-    from .. import cli
+    from .. import cliutil as cli
     from ..config import DataConfig, TaskConfig
     from ..llm.base import BackendConfig
     from ..registry import OPTIMIZERS, lookup
@@ -35,7 +35,7 @@ def add_search_parser(verbs: Any, argv: Sequence[str]) -> None:
         argv, "search", "--optimizer", lambda path: read_search_config(path).get("optimizer", "random"), "random"
     )
     opt_cls = lookup(OPTIMIZERS, name, "optimizer")
-    p = cli._verb(verbs, "search", "search a discrete (text) prompt for a black-box or local LLM", cmd_search, None)
+    p = cli.make_verb(verbs, "search", "search a discrete (text) prompt for a black-box or local LLM", cmd_search, None)
     p.add_argument("--config", metavar="SEARCH_YAML", help="YAML search config (e.g. a run.yaml); flags override it")
     p.add_argument("--out", metavar="DIR", help="artifact directory (also holds checkpoint.json and search.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -56,7 +56,7 @@ def add_search_parser(verbs: Any, argv: Sequence[str]) -> None:
 
 def cmd_search(args: argparse.Namespace) -> dict[str, Any]:
     """Run a search, score the test file once, write the artifact."""
-    from .. import cli
+    from .. import cliutil as cli
     from .api import read_search_config, search
 
     values = read_search_config(args.config) if args.config else {}
@@ -84,5 +84,5 @@ def cmd_search(args: argparse.Namespace) -> dict[str, Any]:
         if metrics:
             key = metrics["primary_metric"]
             rows.append([f"{split} {key}", f"{metrics[key]:.4f}"])
-    cli._print_table(args, ["", ""], rows + [["artifact", str(out)]], header=False)
+    cli.print_table(args, ["", ""], rows + [["artifact", str(out)]], header=False)
     return result.summary()

@@ -40,7 +40,8 @@ class DeepPromptConfig:
     """Initialisation: `text` or `sample_vocab` (layer 0: those token embeddings; deeper layers: the frozen model's
     hidden states of the same tokens) or `random` (vocabulary-scaled Gaussian at every layer)."""
     init_text: str | None = None
-    """Text for `init=text` (default: the task's label words and template words)."""
+    """Text for `init=text` (default: blank space, the start closest to the zero-shot template; `.` where the
+    tokenizer drops spaces)."""
 
     def __post_init__(self) -> None:
         check_config(

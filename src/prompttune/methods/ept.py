@@ -51,7 +51,8 @@ class EPTConfig:
     init: str = "text"
     """Initialisation of the short prompt: `random`, `sample_vocab` or `text`."""
     init_text: str | None = None
-    """Text for `init=text` (default: the task's hint text)."""
+    """Text for `init=text` (default: blank space, the start closest to the zero-shot template; `.` where the
+    tokenizer drops spaces)."""
 
     def __post_init__(self) -> None:
         for name in ("num_virtual_tokens", "rank", "num_spaces", "space_rank"):

@@ -68,7 +68,8 @@ class IAPTConfig:
     init: str = "text"
     """Start of the per-token bias (the prompt before training): `text`, `sample_vocab` or `random`, as deep_prompt."""
     init_text: str | None = None
-    """Text for `init=text` (default: the task's label words and template words)."""
+    """Text for `init=text` (default: blank space, the start closest to the zero-shot template; `.` where the
+    tokenizer drops spaces)."""
 
     def __post_init__(self) -> None:
         check_config(

@@ -32,7 +32,8 @@ class PTuningConfig:
     init: str = "text"
     """Initialisation of the input embeddings: `random`, `sample_vocab` or `text`."""
     init_text: str | None = None
-    """Text for `init=text` (default: the task's label words and template words)."""
+    """Text for `init=text` (default: blank space, the start closest to the zero-shot template; `.` where the
+    tokenizer drops spaces)."""
 
     def __post_init__(self) -> None:
         check_config(

@@ -23,7 +23,8 @@ class PromptTuningConfig:
     init: str = "text"
     """Initialisation: `random` (vocabulary-scaled Gaussian), `sample_vocab` or `text`."""
     init_text: str | None = None
-    """Text for `init=text` (default: the task's label words and template words)."""
+    """Text for `init=text` (default: blank space, the start closest to the zero-shot template; `.` where the
+    tokenizer drops spaces)."""
 
     def __post_init__(self) -> None:
         check_config(

@@ -19,7 +19,7 @@ from .config import ServeConfig
 
 def add_serve_parser(verbs: Any) -> argparse.ArgumentParser:
     """Add the `serve` subcommand to the CLI's subparsers."""
-    from ..cli import add_config_flags
+    from ..cliutil import add_config_flags
 
     text = "serve learned prompts over one backbone (OpenAI-compatible HTTP API)"
     p = verbs.add_parser("serve", help=text, description=text, allow_abbrev=False)
