@@ -160,3 +160,28 @@ def test_greedy_generation_is_batch_invariant(arch, archs, make_tuner, gen_train
     tuner.fit(gen_train, quiet=True)
     texts = [LONGER["text"], TARGET["text"], SHORTER["text"]]
     assert tuner.generate(texts) == [tuner.generate([t])[0] for t in texts]
+
+
+def test_a_model_directory_loads_or_says_what_is_missing(tmp_path):
+    # A new user's local models: one that loads, and two prompttune cannot run, each refused with one line that names
+    # the directory (before: a ValueError from transformers, and a torch error from inside T5's forward).
+    from transformers import AutoModelForSeq2SeqLM
+
+    from prompttune.backbones import load_backbone
+
+    tok = build_tokenizer("tiny-llama")
+    special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    _build(AutoModelForCausalLM, "llama", tok, **special).save_pretrained(tmp_path / "llama")
+    _build(AutoModelForCausalLM, "llama", tok, **special).save_pretrained(tmp_path / "no-tokenizer")
+    tok.save_pretrained(tmp_path / "llama")
+    t5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=tok.pad_token_id)
+    config = AutoConfig.for_model("t5", vocab_size=len(tok), pad_token_id=tok.pad_token_id, **t5)
+    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(tmp_path / "t5")
+    tok.save_pretrained(tmp_path / "t5")
+
+    backbone = load_backbone(str(tmp_path / "llama"))
+    assert backbone.kind == "causal_lm" and backbone.spec.num_layers == SIZES["num_hidden_layers"]
+    with pytest.raises(PromptTuneError, match=r"no-tokenizer: no tokenizer could be loaded"):
+        load_backbone(str(tmp_path / "no-tokenizer"))
+    with pytest.raises(PromptTuneError, match=r"t5: T5ForConditionalGeneration is an encoder-decoder model"):
+        load_backbone(str(tmp_path / "t5"))

@@ -111,9 +111,18 @@ def _resolve_embedded(entry: _Embedded) -> ModelRef:
     return ModelRef(entry.name, str(path), entry.kind, embedded=True)
 
 
-def kind_from_config(config: dict[str, Any]) -> str:
-    """`causal_lm` when `architectures` names an LM head class (or `is_decoder` is set), else `encoder`."""
+def kind_from_config(config: dict[str, Any], where: str = "model") -> str:
+    """`causal_lm` when `architectures` names an LM head class (or `is_decoder` is set), else `encoder`.
+
+    Raises:
+        PromptTuneError: an encoder-decoder model (T5, BART), which neither backbone runs.
+    """
     archs = config.get("architectures") or []
+    if config.get("is_encoder_decoder"):
+        raise PromptTuneError(
+            f"{where}: {'/'.join(archs) or config.get('model_type')} is an encoder-decoder model; prompttune runs "
+            "decoder-only LMs (AutoModelForCausalLM) and encoders (AutoModel)"
+        )
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or config.get("is_decoder"):
         return "causal_lm"
     return "encoder"
@@ -142,7 +151,8 @@ def resolve(name_or_path: str) -> ModelRef:
         config = path / "config.json"
         if not config.is_file():
             raise PromptTuneError(f"{config}: missing; expected a Hugging Face model directory")
-        return ModelRef(name_or_path, str(path.resolve()), kind_from_config(json.loads(config.read_text())), False)
+        kind = kind_from_config(json.loads(config.read_text()), name_or_path)
+        return ModelRef(name_or_path, str(path.resolve()), kind, False)
     if path.suffix == ".gguf" and path.is_file():
         return ModelRef(name_or_path, str(convert_gguf(path.resolve(), path.stem)), "causal_lm", embedded=False)
     if name_or_path.startswith(("/", ".", "~")) or path.suffix == ".gguf":  # a path, never a hub id
@@ -160,7 +170,7 @@ def _resolve_hub(model_id: str) -> ModelRef:
             f"model {model_id!r}: not an embedded model ({', '.join(EMBEDDED)}), tiny-*, local directory or "
             f"reachable hub id ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
-    return ModelRef(model_id, model_id, kind_from_config(config.to_dict()), embedded=False)
+    return ModelRef(model_id, model_id, kind_from_config(config.to_dict(), model_id), embedded=False)
 
 
 def load(name_or_path: str, kind: str | None = None) -> tuple[Any, Any, ModelRef]:
@@ -192,8 +202,19 @@ def load(name_or_path: str, kind: str | None = None) -> tuple[Any, Any, ModelRef
     # Local directories must never reach for the hub; hub ids follow HF_HUB_OFFLINE as transformers reads it.
     local = Path(ref.path).is_dir()
     cls = AutoModelForCausalLM if ref.kind == "causal_lm" else AutoModel
-    tokenizer = AutoTokenizer.from_pretrained(ref.path, local_files_only=local)
-    model = cls.from_pretrained(ref.path, dtype=torch.float32, local_files_only=local)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref.path, local_files_only=local)
+    except (OSError, ValueError) as err:  # transformers' own message is many lines; its first one says what failed
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PromptTuneError(
+            f"{ref.path}: no tokenizer could be loaded; a model needs its tokenizer files (tokenizer.json or the "
+            f"tokenizer's vocabulary) next to config.json (transformers: {first.rstrip(': ')})"
+        ) from None
+    try:
+        model = cls.from_pretrained(ref.path, dtype=torch.float32, local_files_only=local)
+    except (OSError, ValueError) as err:  # e.g. an architecture AutoModelForCausalLM does not know
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PromptTuneError(f"{ref.path}: could not load it as {cls.__name__} ({first})") from None
     model.eval().requires_grad_(False)
     max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if max_positions and tokenizer.model_max_length > 1 << 40:  # GGUF tokenizers carry no limit (1e30 sentinel)
