@@ -113,6 +113,16 @@ def test_resume_errors(tiny_llama, make_model, sst_train, tmp_path):
     fit(model, train, None, _cfg(checkpoint=True, max_steps=2), out=tmp_path, quiet=True)
     with pytest.raises(PromptTuneError, match=r"lr=0\.05.*0\.1.*same settings"):
         fit(model, train, None, _cfg(checkpoint=True, max_steps=2, lr=0.1), out=tmp_path, resume=True, quiet=True)
+    # Another method, other method options or another head: one line naming what differs, not torch's state_dict
+    # error from inside `load_state_dict`.
+    same = _cfg(checkpoint=True, max_steps=2)
+    for other, message in (
+        (make_model("prompt_tuning", tiny_llama, num_virtual_tokens=5), "num_virtual_tokens=4, this run has 5"),
+        (make_model("prefix_tuning", tiny_llama), "method 'prompt_tuning', this run has 'prefix_tuning'"),
+        (make_model("prompt_tuning", tiny_llama, head="classifier"), "head 'verbalizer', this run has 'classifier'"),
+    ):
+        with pytest.raises(PromptTuneError, match=message):
+            fit(other, train, None, same, out=tmp_path, resume=True, quiet=True)
 
 
 def test_empty_training_data(tiny_llama, make_model):

@@ -250,11 +250,35 @@ def _save_checkpoint(
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {
         "state": state,
+        "method": model.method.name,
+        "method_config": asdict(model.method.config),
+        "head": model.head.name,
         "train_config": asdict(cfg),
         "param_groups": opt["param_groups"],
         "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
     }
     write_file_atomically(path, tensors, metadata={"prompttune": json.dumps(meta)})
+
+
+def _check_same_model(path: Path, meta: dict[str, Any], saved: dict[str, torch.Tensor], model: PromptModel) -> None:
+    """A resumed run must build the model the checkpoint was written from (same method, options and head)."""
+    ours = {"method": model.method.name, "head": model.head.name}
+    for key, value in ours.items():
+        if key in meta and meta[key] != value:
+            raise PromptTuneError(f"{path}: checkpoint was made with {key} {meta[key]!r}, this run has {value!r}")
+    for key, value in json.loads(json.dumps(asdict(model.method.config))).items():  # as JSON stores it (tuples)
+        old = meta.get("method_config", {}).get(key, value)
+        if old != value:
+            raise PromptTuneError(
+                f"{path}: checkpoint was made with {model.method.name} {key}={old!r}, this run has {value!r}"
+            )
+    own = model.state_dict()  # what the names above do not cover (e.g. the head's options) shows in the shapes
+    for name in sorted(set(own) | set(saved)):
+        if name not in own or name not in saved or own[name].shape != saved[name].shape:
+            raise PromptTuneError(
+                f"{path}: checkpoint's {name} is {tuple(saved[name].shape) if name in saved else 'missing'}, this "
+                f"run's is {tuple(own[name].shape) if name in own else 'missing'}; resume with the same options"
+            )
 
 
 def _load_checkpoint(path: Path, model: PromptModel, optimizer: Any, scheduler: Any, cfg: TrainConfig):
@@ -273,7 +297,9 @@ def _load_checkpoint(path: Path, model: PromptModel, optimizer: Any, scheduler: 
                 f"{getattr(cfg, key)!r}; resume with the same settings"
             )
     tensors = load_file(str(path))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    saved_model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    _check_same_model(path, meta, saved_model, model)
+    model.load_state_dict(saved_model)
     best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
