@@ -181,6 +181,15 @@ def test_resume_refuses_other_settings(tiny_llama, sst_train, sst_dev, tmp_path)
         run_search(tiny_llama, sst_train, sst_dev, "random", out=tmp_path / "run", max_steps=1, resume=True, seed=6)
     with pytest.raises(PromptTuneError, match="no checkpoint to resume from"):
         run_search(tiny_llama, sst_train, sst_dev, "random", out=tmp_path / "other", resume=True)
+    # Another task from the middle of a search: other training data, template or label words.
+    with pytest.raises(PromptTuneError, match=r"other training data: 8 examples \(sha256 \w+\), this run 7"):
+        run_search(tiny_llama, sst_train[:7], sst_dev, "random", out=tmp_path / "run", max_steps=1, resume=True)
+    options = {"optimizer": "random", "out": tmp_path / "run", "resume": True, "llm": backend(tiny_llama)}
+    options.update(budget=150, select_top=2, seed=5, max_steps=1, **FAST.get("random", {}))
+    with pytest.raises(PromptTuneError, match="other template"):
+        search(sst_train, sst_dev, template="Text: {text}\n{prompt}Label:{answer}", verbalizer=VERBALIZER, **options)
+    with pytest.raises(PromptTuneError, match="other labels"):
+        search(sst_train, sst_dev, template=TEMPLATE, verbalizer="0= bad,1= good", **options)
 
 
 # ---- artifact and CLI ---------------------------------------------------------------------------------------------

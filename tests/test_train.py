@@ -123,6 +123,11 @@ def test_resume_errors(tiny_llama, make_model, sst_train, tmp_path):
     ):
         with pytest.raises(PromptTuneError, match=message):
             fit(other, train, None, same, out=tmp_path, resume=True, quiet=True)
+    with pytest.raises(PromptTuneError, match=r"other training data: \d+ examples \(sha256 \w+\), this run 3"):
+        fit(model, train[:3], None, same, out=tmp_path, resume=True, quiet=True)
+    other = make_model("prompt_tuning", tiny_llama, template="Text: {text}{soft} Label:{answer}")
+    with pytest.raises(PromptTuneError, match="other template"):
+        fit(other, train, None, same, out=tmp_path, resume=True, quiet=True)
 
 
 def test_empty_training_data(tiny_llama, make_model):

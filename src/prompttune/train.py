@@ -26,6 +26,7 @@ from .artifacts import write_file_atomically
 from .config import TrainConfig
 from .errors import PromptTuneError
 from .model import PromptModel
+from .resume import check_task, task_record
 from .types import Example, Row
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -100,18 +101,19 @@ def fit(
     prepared = {} if resume else model.head.prepare(model, train)
     cfg, optimizer, scheduler = _optimizer(model, cfg)
     wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    task = task_record(model.template.text, model.head.labels, train)  # what a resumed run must share
     state = {"step": 0, "best_step": 0, "best": None, "best_dev": None, "bad_evals": 0, "log": [], "seconds": 0.0}
     best_state = _snapshot(model)
 
     def checkpoint() -> None:
         # Under DDP every process holds the same state after the all-reduce; one of them writes it.
         if out is not None and cfg.checkpoint and accelerator.is_main_process:
-            _save_checkpoint(out / CHECKPOINT, model, best_state, state, optimizer, scheduler, cfg)
+            _save_checkpoint(out / CHECKPOINT, model, best_state, state, optimizer, scheduler, cfg, task)
 
     if resume:
         if out is None:
             raise PromptTuneError("resume needs the output directory of the run to continue")
-        state, best_state = _load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, cfg)
+        state, best_state = _load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, cfg, task)
     elif dev:
         _evaluate(model, dev, cfg, state, best_state, out, quiet=True)  # the starting prompt is a candidate
     step_seconds: list[float] = []
@@ -239,6 +241,7 @@ def _save_checkpoint(
     optimizer: Any,
     scheduler: Any,
     cfg: TrainConfig,
+    task: dict[str, Any],
 ) -> None:
     """One safetensors file (tensors + JSON metadata), written to a temp file and renamed: never half-written."""
     tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
@@ -253,6 +256,7 @@ def _save_checkpoint(
         "method": model.method.name,
         "method_config": asdict(model.method.config),
         "head": model.head.name,
+        "task": task,
         "train_config": asdict(cfg),
         "param_groups": opt["param_groups"],
         "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
@@ -281,7 +285,9 @@ def _check_same_model(path: Path, meta: dict[str, Any], saved: dict[str, torch.T
             )
 
 
-def _load_checkpoint(path: Path, model: PromptModel, optimizer: Any, scheduler: Any, cfg: TrainConfig):
+def _load_checkpoint(
+    path: Path, model: PromptModel, optimizer: Any, scheduler: Any, cfg: TrainConfig, task: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Restore everything `_save_checkpoint` wrote; returns (state, best_state)."""
     if not path.is_file():
         raise PromptTuneError(f"{path}: no checkpoint to resume from")
@@ -299,6 +305,7 @@ def _load_checkpoint(path: Path, model: PromptModel, optimizer: Any, scheduler: 
     tensors = load_file(str(path))
     saved_model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     _check_same_model(path, meta, saved_model, model)
+    check_task(path, meta.get("task"), task)
     model.load_state_dict(saved_model)
     best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
     opt_state: dict[int, dict[str, torch.Tensor]] = {}

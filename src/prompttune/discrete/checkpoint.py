@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from ..artifacts import write_file_atomically
 from ..errors import PromptTuneError
+from ..resume import check_task
 from .base import DiscreteOptimizer
 from .objective import LLMObjective
 
@@ -68,9 +69,14 @@ def save(
 
 
 def load(
-    out: Path | None, config: SearchConfig, optimizer: DiscreteOptimizer, objective: LLMObjective
+    out: Path | None,
+    config: SearchConfig,
+    optimizer: DiscreteOptimizer,
+    objective: LLMObjective,
+    task: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Restore optimiser, objective and budget from `out`; returns the loop state."""
+    """Restore optimiser, objective and budget from `out`; returns the loop state (whose `task` must equal `task`,
+    see `resume.task_record`)."""
     if out is None or not (out / CHECKPOINT).is_file():
         raise PromptTuneError(f"{out}/{CHECKPOINT}: no checkpoint to resume from")
     path = out / CHECKPOINT
@@ -86,6 +92,8 @@ def load(
                 "resume with the same settings"
             )
     state = payload["state"]
+    if task is not None:
+        check_task(path, state.get("task"), task)
     if payload.get("has_tensors"):
         with safe_open(str(out / TENSORS), "pt") as f:
             step = int(f.metadata().get("step", -1))

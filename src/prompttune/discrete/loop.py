@@ -27,6 +27,7 @@ from ..data.templates import Template
 from ..errors import PromptTuneError
 from ..llm.base import Budget, BudgetExhausted, LLMBackend
 from ..registry import OPTIMIZERS, lookup
+from ..resume import task_record
 from ..types import Example
 from . import checkpoint as ckpt
 from . import p1 as p1_subset
@@ -159,9 +160,11 @@ def search(
     optimizer = build_optimizer(config, ctx)
     objective.specialize = optimizer.specialize
     budget = _set_budget(config, backend, proposer, optimizer, len(dev))
-    state: dict[str, Any] = {"step": 0, "history": {}, "stopped": None, "seconds": 0.0, "p1": None}
+    words = [[label, objective.words[label]] for label in objective.labels]
+    task_now = task_record(objective.template.text, words, train)  # what a resumed search must share
+    state: dict[str, Any] = {"step": 0, "history": {}, "stopped": None, "seconds": 0.0, "p1": None, "task": task_now}
     if resume:
-        state = ckpt.load(out, config, optimizer, objective)
+        state = ckpt.load(out, config, optimizer, objective, task_now)
         if state["p1"] is not None:
             objective.examples = p1_subset.restrict(train, state["p1"])
     else:
