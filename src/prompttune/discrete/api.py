@@ -23,7 +23,7 @@ from ..data.examples import find_split, load_examples
 from ..errors import PromptTuneError
 from ..llm.base import BackendConfig, LLMBackend, load_backend
 from ..registry import OPTIMIZERS, lookup
-from .loop import SearchConfig, SearchResult
+from .config import SearchConfig, SearchResult
 from .loop import search as run_loop
 
 # Task fields that mean something to a discrete search (the rest belong to soft prompts).

@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -23,10 +23,8 @@ from ..artifacts import write_file_atomically
 from ..errors import PromptTuneError
 from ..resume import check_task
 from .base import DiscreteOptimizer
+from .config import SearchConfig
 from .objective import LLMObjective
-
-if TYPE_CHECKING:
-    from .loop import SearchConfig
 
 CHECKPOINT = "checkpoint.json"
 TENSORS = "checkpoint.safetensors"

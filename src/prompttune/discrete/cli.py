@@ -29,7 +29,7 @@ def add_search_parser(verbs: Any, argv: Sequence[str]) -> None:
     from ..llm.base import BackendConfig
     from ..registry import OPTIMIZERS, lookup
     from .api import TASK_FIELDS, read_search_config
-    from .loop import SearchConfig
+    from .config import SearchConfig
 
     name = cli.preparsed(
         argv, "search", "--optimizer", lambda path: read_search_config(path).get("optimizer", "random"), "random"
