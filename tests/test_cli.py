@@ -187,17 +187,17 @@ def test_resume_equals_an_uninterrupted_run(capsys, data, tmp_path, monkeypatch)
     extra = ("--max-steps", "4", "--eval-every", "2", "--calibrate", "none")
     assert run(capsys, *train_args(data, tmp_path / "full", *extra))[0] == 0
 
-    save = train_module._save_checkpoint
+    save = train_module.save_checkpoint
 
     def save_then_stop(*args, **kwargs):  # the process "dies" right after the step-2 checkpoint
         save(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_stop)
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
     code, _, err = run(capsys, *train_args(data, tmp_path / "cut", *extra))
     assert code == 130 and err.strip() == "error: interrupted"
     assert (tmp_path / "cut" / "checkpoint.safetensors").is_file() and not (tmp_path / "cut" / "artifact.json").exists()
-    monkeypatch.setattr(train_module, "_save_checkpoint", save)
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
     code, _, err = run(capsys, *train_args(data, tmp_path / "cut", *extra, "--resume"))
     assert code == 0, err
 

@@ -199,7 +199,7 @@ def test_resume_reproduces_uninterrupted_run(
     full_result = full.fit(sst_train, sst_dev, out=tmp_path / "full", quiet=True)
     trainable = any(True for _ in full.model.parameters())
 
-    saved = train_mod._save_checkpoint
+    saved = train_mod.save_checkpoint
     calls = []
 
     def save_then_die(*args, **kwargs):
@@ -208,7 +208,7 @@ def test_resume_reproduces_uninterrupted_run(
         raise _Killed
 
     with monkeypatch.context() as patch:
-        patch.setattr(train_mod, "_save_checkpoint", save_then_die)
+        patch.setattr(train_mod, "save_checkpoint", save_then_die)
         killed = make_tuner(method, backbone, **opts)
         if trainable:
             with pytest.raises(_Killed):

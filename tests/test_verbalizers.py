@@ -373,14 +373,14 @@ def test_resume_restores_the_heads_state(tiny_llama, sst_train, sst_dev, tmp_pat
 
     full = tuner()
     full_result = full.fit(sst_train, sst_dev, out=tmp_path / "full", quiet=True)
-    saved = train_mod._save_checkpoint
+    saved = train_mod.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         saved(*args, **kwargs)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(train_mod, "_save_checkpoint", save_then_die)
+        patch.setattr(train_mod, "save_checkpoint", save_then_die)
         with pytest.raises(KeyboardInterrupt):
             tuner().fit(sst_train, sst_dev, out=tmp_path / "run", quiet=True)
     resumed = tuner()
