@@ -154,6 +154,10 @@ def test_missing_label_column(tmp_path):
         load_examples(path)
     assert "score" in _message(err) and str(path) in _message(err)
     assert load_examples(path, require_label=False)[0].label is None
+    headless = tmp_path / "h.tsv"  # no header row: its first example became the column names
+    headless.write_text("a great film\t1\nbad\t0\n")
+    with pytest.raises(PromptTuneError, match=r"columns are \['a great film', '1'\] \(the first line .* header\)"):
+        load_examples(headless)
 
 
 def test_texts_to_predict_need_not_carry_the_named_label_column(tmp_path):

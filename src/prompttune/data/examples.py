@@ -172,8 +172,10 @@ def _from_records(
             raise PromptTuneError(f"{where}: label column {label_field!r} not found; columns are {columns}")
         label_col = None  # unlabelled data (texts to predict) need not carry the label column
     if label_col is None and require_label:
+        header = " (the first line of a TSV/CSV file is its header)" if where.lower().endswith((".tsv", ".csv")) else ""
         raise PromptTuneError(
-            f"{where}: no label column; expected one of {LABEL_COLUMNS} (or set label_field); columns are {columns}"
+            f"{where}: no label column; expected one of {LABEL_COLUMNS} (or set label_field); columns are "
+            f"{columns}{header}"
         )
     examples = []
     for i, rec in enumerate(records):
