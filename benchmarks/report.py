@@ -514,7 +514,7 @@ def verbalizer_sections(folder: Path) -> list[str]:
             runs.append(json.loads(path.read_text()))
         except (OSError, ValueError) as err:
             print(f"skipping {path}: {err}", file=sys.stderr)
-    lines = []
+    lines = verbalizer_pooled(runs) if len({run.get("dataset", "sst-2") for run in runs}) > 1 else []
     for dataset in order({run.get("dataset", "sst-2") for run in runs}, DATASETS):
         lines += verbalizer_summary([run for run in runs if run.get("dataset", "sst-2") == dataset])
     for path in sorted(folder.glob("*.md")):
@@ -524,6 +524,49 @@ def verbalizer_sections(folder: Path) -> list[str]:
 
 
 VERBALIZER_REFERENCE = "prompt_tuning + verbalizer"
+
+
+def verbalizer_pooled(runs: list[dict[str, Any]]) -> list[str]:
+    """Each row of `verbalizers.py` against the reference on every (dataset, seed) cell both have, pooled over the
+    datasets as `versus_table` pools the grid: mean paired difference, wins/ties/losses, sign test, per dataset."""
+    acc: dict[str, dict[tuple[str, int], float]] = {}
+    groups: dict[str, str] = {}
+    for run in runs:
+        for row in run["rows"]:
+            acc.setdefault(row["row"], {})[(run.get("dataset", "sst-2"), run["seed"])] = 100 * row["test_accuracy"]
+            groups[row["row"]] = row["group"]
+    ref = acc.get(VERBALIZER_REFERENCE, {})
+    datasets = order({d for d, _ in ref}, DATASETS)
+    lines = [
+        "## Verbalizers, active selection, ensembles: every dataset",
+        "",
+        f"Each row minus `{VERBALIZER_REFERENCE}` on the same (dataset, seed) cells (`python benchmarks/verbalizers.py "
+        "--dataset D --seed S`, the test rows each run names), pooled over the datasets: wins/ties/losses count "
+        "cells; p: two-sided exact sign test (ties dropped).",
+        "",
+        "| group | row | cells | Δ pp, mean (std) | W/T/L | sign-test p | "
+        + " | ".join(f"Δ {d}" for d in datasets)
+        + " | verdict |",
+        "| --- | --- | --- | --- | --- | --- | " + "--- | " * len(datasets) + "--- |",
+    ]
+    for name, cells in acc.items():
+        diffs = {cell: value - ref[cell] for cell, value in cells.items() if cell in ref}
+        if name == VERBALIZER_REFERENCE or not diffs:
+            continue
+        values = list(diffs.values())
+        mean, std = mean_std(values)
+        wins, ties, losses = sum(d > 0 for d in values), sum(d == 0 for d in values), sum(d < 0 for d in values)
+        p = sign_test(wins, losses)
+        per = []
+        for d in datasets:
+            part = [v for (ds, _), v in diffs.items() if ds == d]
+            per.append(f"{statistics.fmean(part):+.1f} (n={len(part)})" if part else "–")
+        verdict = "better" if p < 0.05 and mean > 0 else "worse" if p < 0.05 and mean < 0 else "no clear difference"
+        lines.append(
+            f"| {groups[name]} | {name} | {len(values)} | {mean:+.1f} ({std:.1f}) | {wins}/{ties}/{losses} | {p:.2f} "
+            f"| {' | '.join(per)} | {verdict} |"
+        )
+    return lines + [""]
 
 
 def verbalizer_summary(runs: list[dict[str, Any]]) -> list[str]:

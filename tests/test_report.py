@@ -36,3 +36,18 @@ def test_readme_block_is_rewritten_between_its_markers_only(tmp_path):
     plain = tmp_path / "OTHER.md"
     plain.write_text("no markers here\n")
     assert not report.update_readme(plain, "x") and plain.read_text() == "no markers here\n"
+
+
+def test_verbalizer_rows_are_paired_per_cell_across_datasets():
+    report = _report()
+
+    def run(dataset, seed, ref, ens):
+        rows = [("16-shot", "prompt_tuning + verbalizer", ref)]
+        rows.append(("ensemble", "ensemble of 6 learned prompts (mean)", ens))
+        return {"dataset": dataset, "seed": seed, "rows": [dict(group=g, row=r, test_accuracy=a) for g, r, a in rows]}
+
+    runs = [run("sst-2", 13, 0.80, 0.82), run("sst-2", 21, 0.80, 0.79), run("mr", 13, 0.70, 0.75)]
+    (line,) = [x for x in report.verbalizer_pooled(runs) if x.startswith("| ensemble")]
+    # Three cells: +2, -1 and +5 points; the SST-2 column averages its two seeds, MR its one.
+    assert line.startswith("| ensemble | ensemble of 6 learned prompts (mean) | 3 | +2.0 (3.0) | 2/0/1 | 1.00 |")
+    assert "| +0.5 (n=2) | +5.0 (n=1) | no clear difference |" in line
