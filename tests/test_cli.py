@@ -119,6 +119,8 @@ def test_train_eval_predict_export_import(capsys, data, tmp_path):
     code, out, _ = run(capsys, "predict", art, *[t for t, _ in ROWS], "--json")
     assert [r["prediction"] for r in written] == [p["label"] for p in json.loads(out)["predictions"]]
     assert [(r["text"], r["label"]) for r in written] == ROWS
+    code, out, _ = run(capsys, "predict", art, "great movie", "--out", tmp_path / "one.tsv")  # texts to a file
+    assert code == 0 and (tmp_path / "one.tsv").read_text().splitlines()[1].startswith("great movie\t")
 
     code, out, err = run(capsys, "export", art, "--format", "peft", "--out", tmp_path / "peft")
     assert code == 0 and "warning" not in err

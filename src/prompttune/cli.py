@@ -116,7 +116,7 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     if bool(args.texts) == bool(args.data):
         raise PromptTuneError("predict: give either TEXTs or --data FILE")
     tuner = PromptTuner.load(args.dir)
-    inputs = tuner.load_data(args.data, require_label=False) if args.data else _inputs(tuner, args.texts)
+    inputs = tuner.load_data(args.data or _inputs(tuner, args.texts), require_label=False)
     texts = [" | ".join(e.fields.values()) for e in inputs] if args.data else args.texts
     labels, scores, names = tuner.predict_with_scores(inputs)
     if args.out:
