@@ -173,6 +173,12 @@ def _resolve_hub(model_id: str) -> ModelRef:
     return ModelRef(model_id, model_id, kind_from_config(config.to_dict(), model_id), embedded=False)
 
 
+def _first_line(err: Exception) -> str:
+    """transformers' messages run over many lines; the first says what failed."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def load(name_or_path: str, kind: str | None = None) -> tuple[Any, Any, ModelRef]:
     """Load a frozen fp32 model and its tokenizer.
 
@@ -205,16 +211,14 @@ def load(name_or_path: str, kind: str | None = None) -> tuple[Any, Any, ModelRef
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref.path, local_files_only=local)
     except (OSError, ValueError) as err:  # transformers' own message is many lines; its first one says what failed
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PromptTuneError(
             f"{ref.path}: no tokenizer could be loaded; a model needs its tokenizer files (tokenizer.json or the "
-            f"tokenizer's vocabulary) next to config.json (transformers: {first.rstrip(': ')})"
+            f"tokenizer's vocabulary) next to config.json (transformers: {_first_line(err).rstrip(': ')})"
         ) from None
     try:
         model = cls.from_pretrained(ref.path, dtype=torch.float32, local_files_only=local)
     except (OSError, ValueError) as err:  # e.g. an architecture AutoModelForCausalLM does not know
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PromptTuneError(f"{ref.path}: could not load it as {cls.__name__} ({first})") from None
+        raise PromptTuneError(f"{ref.path}: could not load it as {cls.__name__} ({_first_line(err)})") from None
     model.eval().requires_grad_(False)
     max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if max_positions and tokenizer.model_max_length > 1 << 40:  # GGUF tokenizers carry no limit (1e30 sentinel)
