@@ -146,20 +146,26 @@ def versus_table(records: list[dict[str, Any]], base: str = "prompt_tuning") -> 
         pairs = paired_cells(records, method, base, "test_accuracy")
         if not pairs:
             continue
-        diffs = [100 * (a - b) for _, a, b in pairs]
-        mean, sd = mean_std(diffs)
-        wins, losses = sum(d > 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs)
-        p = sign_test(wins, losses)
-        per = []
-        for d in datasets:
-            ds = [100 * (a - b) for name, a, b in pairs if name == d]
-            per.append(f"{statistics.fmean(ds):+.1f} (n={len(ds)})" if ds else "–")
-        verdict = "better" if p < 0.05 and mean > 0 else "worse" if p < 0.05 and mean < 0 else "no clear difference"
-        lines.append(
-            f"| {method} | {len(diffs)} | {mean:+.1f} ({fmt(sd, 1)}) | {wins}/{len(diffs) - wins - losses}/{losses} "
-            f"| {p:.2f} | {' | '.join(per)} | {verdict} |"
-        )
+        lines.append(f"| {method} | " + paired_columns([(name, 100 * (a - b)) for name, a, b in pairs], datasets))
     return lines + [""]
+
+
+def paired_columns(diffs: list[tuple[str, float]], datasets: list[str]) -> str:
+    """Table cells for paired differences (dataset, Δ pp): count, mean (std), wins/ties/losses, sign-test p, the mean
+    per dataset, and the verdict (a difference only where the sign test says p < 0.05)."""
+    values = [d for _, d in diffs]
+    mean, sd = mean_std(values)
+    wins, losses = sum(d > 1e-9 for d in values), sum(d < -1e-9 for d in values)
+    p = sign_test(wins, losses)
+    per = []
+    for dataset in datasets:
+        part = [d for name, d in diffs if name == dataset]
+        per.append(f"{statistics.fmean(part):+.1f} (n={len(part)})" if part else "–")
+    verdict = "better" if p < 0.05 and mean > 0 else "worse" if p < 0.05 and mean < 0 else "no clear difference"
+    return (
+        f"{len(values)} | {mean:+.1f} ({fmt(sd, 1)}) | {wins}/{len(values) - wins - losses}/{losses} | {p:.2f} "
+        f"| {' | '.join(per)} | {verdict} |"
+    )
 
 
 def completeness(records: list[dict[str, Any]]) -> list[str]:
@@ -550,22 +556,10 @@ def verbalizer_pooled(runs: list[dict[str, Any]]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | " + "--- | " * len(datasets) + "--- |",
     ]
     for name, cells in acc.items():
-        diffs = {cell: value - ref[cell] for cell, value in cells.items() if cell in ref}
+        diffs = [(cell[0], value - ref[cell]) for cell, value in cells.items() if cell in ref]
         if name == VERBALIZER_REFERENCE or not diffs:
             continue
-        values = list(diffs.values())
-        mean, std = mean_std(values)
-        wins, ties, losses = sum(d > 0 for d in values), sum(d == 0 for d in values), sum(d < 0 for d in values)
-        p = sign_test(wins, losses)
-        per = []
-        for d in datasets:
-            part = [v for (ds, _), v in diffs.items() if ds == d]
-            per.append(f"{statistics.fmean(part):+.1f} (n={len(part)})" if part else "–")
-        verdict = "better" if p < 0.05 and mean > 0 else "worse" if p < 0.05 and mean < 0 else "no clear difference"
-        lines.append(
-            f"| {groups[name]} | {name} | {len(values)} | {mean:+.1f} ({std:.1f}) | {wins}/{ties}/{losses} | {p:.2f} "
-            f"| {' | '.join(per)} | {verdict} |"
-        )
+        lines.append(f"| {groups[name]} | {name} | " + paired_columns(diffs, datasets))
     return lines + [""]
 
 
