@@ -160,11 +160,10 @@ class DiscretePrompt:
 
     def predict_scores(self, texts: Any) -> Tensor:
         """Class log-probabilities (N, C)."""
-        examples = self.load_data(list(texts), require_label=False)
-        return self.objective.score([self.candidate], examples)[0].logprobs
+        return self.predict_with_scores(texts)[1]
 
     def predict(self, texts: Any) -> list[str]:
-        return [self.labels[i] for i in self.predict_scores(texts).argmax(-1).tolist()]
+        return self.predict_with_scores(texts)[0]
 
     def predict_with_scores(self, data: Any) -> tuple[list[str], Tensor, list[str]]:
         """Labels, class log-probabilities (N, C) and their label names, as `PromptTuner.predict_with_scores`."""
